@@ -1,0 +1,121 @@
+"""`jaxllm <command>`: each command is a small function registered in COMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from jaxllm import config as config_lib
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {}
+
+
+def command(name: str, help_text: str):
+    def register(fn):
+        COMMANDS[name] = (fn, help_text)
+        return fn
+
+    return register
+
+
+def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"jaxllm {prog}", description=description,
+                                     epilog="overrides: dotted keys, e.g. train.steps=2000 optim.lr=3e-4")
+    parser.add_argument("--config", help="YAML config (see configs/); defaults are the tiny model on the "
+                                         "built-in corpus")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    return parser
+
+
+def _print_keys(cls=config_lib.Config) -> None:
+    import dataclasses
+    import typing
+
+    def walk(c, prefix):
+        for f in dataclasses.fields(c):
+            typ = typing.get_type_hints(c)[f.name]
+            if dataclasses.is_dataclass(typ):
+                walk(typ, prefix + f.name + ".")
+            else:
+                print(f"{prefix}{f.name} = {f.default!r}")
+
+    walk(cls, "")
+
+
+@command("pretrain", "next-token pre-training (default: tiny model, built-in corpus, CPU-friendly)")
+def pretrain_cmd(argv: list[str]) -> int:
+    args = _config_parser("pretrain", "Pre-train a decoder on packed documents.").parse_args(argv)
+    if args.help_config:
+        _print_keys()
+        return 0
+    cfg = config_lib.load(args.config, args.overrides)
+    from jaxllm.stages import pretrain
+
+    run_dir = pretrain.run(cfg)
+    print(f"done: {run_dir}")
+    return 0
+
+
+@command("generate", "sample continuations from a trained run")
+def generate_cmd(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm generate", description="Sample from a trained run.")
+    parser.add_argument("--run", required=True, help="run directory, e.g. runs/tiny")
+    parser.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.prompt:
+        parser.error("give at least one --prompt")
+    import jax
+
+    from jaxllm import runs
+    from jaxllm.data import tokenizer as tokenizers
+    from jaxllm.rl import sampling
+
+    cfg = runs.load_config(args.run)
+    tok = runs.load_tokenizer(args.run)
+    params, step = runs.load_params(args.run, cfg.model)
+    for i, prompt in enumerate(args.prompt):
+        ids = tok.encode(prompt).ids
+        out = sampling.simple_generate(params, cfg.model, ids, jax.random.fold_in(jax.random.PRNGKey(args.seed), i),
+                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       eos_id=tokenizers.eos_id(tok))
+        print(json.dumps({"step": step, "prompt": prompt, "text": tok.decode(out)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: jaxllm <command> [options]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<10} {text}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"jaxllm: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+              + f" (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    from jaxllm import logging as jlog
+    from jaxllm.checkpoint import CheckpointError
+    from jaxllm.data.pipeline import DataError
+    from jaxllm.data.tokenizer import TokenizerError
+    from jaxllm.train.loop import TrainingError
+
+    jlog.setup()
+    try:
+        return COMMANDS[name][0](rest)
+    except (config_lib.ConfigError, CheckpointError, DataError, TokenizerError, TrainingError) as e:
+        print(f"jaxllm {name}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

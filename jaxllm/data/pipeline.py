@@ -1,0 +1,109 @@
+"""Token streams -> packed fixed-length rows (segment ids, positions) -> shuffled batches, on Grain.
+
+Packing is concat-and-chunk: documents (each ending in EOS) are laid end to end and cut into rows of
+`seq_len`; every token appears exactly once per epoch. Segment ids number the documents inside a row from 1
+(0 is padding) and positions restart at each document and at each row start, so packed documents never
+attend to each other. Grain gives the seeded shuffle, per-host slicing and a checkpointable iterator state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import grain
+import jax
+import numpy as np
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """Documents laid end to end. tokens: [N] int32; doc_ids: [N] int32 (document index of each token)."""
+
+    tokens: np.ndarray
+    doc_ids: np.ndarray
+
+    @staticmethod
+    def from_documents(docs: list[list[int]] | list[np.ndarray], eos_id: int | None) -> "TokenStream":
+        pieces, ids = [], []
+        for i, doc in enumerate(docs):
+            doc = np.asarray(doc, np.int32)
+            if eos_id is not None:
+                doc = np.append(doc, np.int32(eos_id))
+            pieces.append(doc)
+            ids.append(np.full(len(doc), i, np.int32))
+        if not pieces:
+            raise DataError("no documents to pack: the source is empty or everything was filtered out")
+        return TokenStream(np.concatenate(pieces), np.concatenate(ids))
+
+    def check_vocab(self, vocab_size: int, where: str) -> None:
+        """Token ids >= vocab_size would make the embedding lookup clamp or return garbage silently."""
+        top = int(self.tokens.max(initial=0))
+        if top >= vocab_size:
+            raise DataError(f"{where}: token id {top} >= model.vocab_size={vocab_size}; use the tokenizer the "
+                            "data was built with or raise model.vocab_size")
+
+
+class PackedRows:
+    """Random-access packed rows of a TokenStream (a Grain data source)."""
+
+    def __init__(self, stream: TokenStream, seq_len: int):
+        self.stream = stream
+        self.seq_len = seq_len
+        self.n_rows = len(stream.tokens) // seq_len
+        if self.n_rows == 0:
+            raise DataError(f"{len(stream.tokens)} tokens make no row of data.seq_len={seq_len}; add data or "
+                            "lower data.seq_len")
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        start = int(index) * self.seq_len
+        sl = slice(start, start + self.seq_len)
+        return pack_row(self.stream.tokens[sl], self.stream.doc_ids[sl])
+
+
+def pack_row(tokens: np.ndarray, doc_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """One row: tokens, segment ids (1, 2, ... by document), positions restarting at each document."""
+    new_doc = np.concatenate([[True], doc_ids[1:] != doc_ids[:-1]])
+    segment_ids = np.cumsum(new_doc).astype(np.int32)
+    idx = np.arange(len(tokens))
+    starts = np.maximum.accumulate(np.where(new_doc, idx, 0))
+    return {
+        "tokens": tokens.astype(np.int32),
+        "positions": (idx - starts).astype(np.int32),
+        "segment_ids": segment_ids,
+        "loss_mask": np.ones(len(tokens), np.int32),
+    }
+
+
+def fingerprint(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_batches(source, batch_size: int, seed: int) -> grain.DatasetIterator:
+    """Endless shuffled batches of this host's slice; each epoch is reshuffled. Checkpointable iterator."""
+    count, index = jax.process_count(), jax.process_index()
+    if batch_size % count:
+        raise DataError(f"train.batch_size={batch_size} is not divisible by {count} hosts")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)  # a new permutation each epoch
+    if count > 1:
+        ds = ds[index::count]
+    return iter(ds.batch(batch_size // count, drop_remainder=True).to_iter_dataset())
+
+
+def eval_batches(source, batch_size: int, n_batches: int) -> list[dict[str, np.ndarray]]:
+    """The first n_batches * batch_size rows in order (fewer if the held-out set is small), fixed per run."""
+    n = min(len(source) // batch_size, n_batches)
+    if n == 0:
+        raise DataError(f"held-out set has {len(source)} rows, fewer than train.batch_size={batch_size}; "
+                        "raise data.heldout_fraction or lower the batch size")
+    rows = [source[i] for i in range(n * batch_size)]
+    return [{k: np.stack([r[k] for r in rows[b * batch_size:(b + 1) * batch_size]]) for k in rows[0]}
+            for b in range(n)]

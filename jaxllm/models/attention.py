@@ -1,0 +1,61 @@
+"""One attention entry point for the whole stack; `impl` picks the backend.
+
+impl: "xla" (pure jnp reference, runs anywhere), "cudnn" (jax.nn.dot_product_attention on a GPU),
+"pallas" (our flash kernel), "auto" (the fastest supported one for this backend and shape).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+
+from jaxllm.kernels.flash_attention import reference
+
+log = logging.getLogger(__name__)
+IMPLS = ("auto", "xla", "cudnn", "pallas")
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def resolve_impl(impl: str, q: jax.Array) -> str:
+    """The backend `auto` stands for on this platform."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
+    if impl != "auto":
+        return impl
+    return "xla"
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    impl: str = "auto",
+    kv_segment_ids: jax.Array | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+) -> jax.Array:
+    """q: [B, T, H, D]; k, v: [B, S, K, D]; segment_ids: [B, T] (0 = padding). Returns [B, T, H, D].
+
+    Position-based causality (q_positions / kv_positions) is for KV-cache decoding and always uses "xla".
+    """
+    impl = resolve_impl(impl, q)
+    if q_positions is not None or impl == "xla":
+        return reference.attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                   causal=causal, q_positions=q_positions, kv_positions=kv_positions)
+    if impl == "cudnn":
+        mask = None
+        if segment_ids is not None:
+            mask = reference.mask(q.shape[1], k.shape[1], segment_ids=segment_ids,
+                                  kv_segment_ids=kv_segment_ids, causal=False)[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+    raise ValueError(f"attention impl {impl!r} is not available in this build; use impl='xla' or 'cudnn'")

@@ -1,0 +1,99 @@
+"""Pre-training: next-token prediction on packed documents (the built-in corpus or built shards)."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxllm import config as config_lib, losses, models, optim
+from jaxllm.config import Config
+from jaxllm.data import corpus, pipeline, tokenizer as tokenizers
+from jaxllm.models import transformer
+from jaxllm.rl import sampling
+from jaxllm.train import loop, state as state_lib, step as step_lib
+
+log = logging.getLogger(__name__)
+SAMPLE_PROMPTS = ("def ", "import ", "class ", "The ")
+
+
+def loss_fn(params, batch, rng, *, cfg: Config):
+    del rng
+    logits = transformer.logits(params, cfg.model, batch["tokens"], batch["positions"], batch["segment_ids"])
+    return losses.next_token(logits, batch, z_loss=cfg.train.z_loss)
+
+
+def make_evaluate(cfg: Config, batches: list[dict]):
+    """params -> {loss, perplexity, accuracy} over fixed held-out batches, token-weighted."""
+
+    @jax.jit
+    def one(params, batch):
+        _, m = loss_fn(params, batch, None, cfg=cfg)
+        return m["loss"] * m["weight"], m["accuracy"] * m["weight"], m["weight"]
+
+    def evaluate(params) -> dict:
+        sums = np.sum([jax.device_get(one(params, b)) for b in batches], axis=0)
+        mean_loss = float(sums[0] / max(sums[2], 1.0))
+        return {"loss": mean_loss, "perplexity": float(np.exp(mean_loss)), "accuracy": float(sums[1] / max(sums[2], 1.0))}
+
+    return evaluate
+
+
+def make_sample(cfg: Config, tok):
+    eos = tokenizers.eos_id(tok)
+
+    def sample(params, step: int) -> list[dict]:
+        out = []
+        for i, prompt in enumerate(SAMPLE_PROMPTS[: cfg.train.num_samples]):
+            key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed + 1), step * 100 + i)
+            ids = sampling.simple_generate(params, cfg.model, tok.encode(prompt).ids, key,
+                                           max_new_tokens=cfg.train.sample_tokens, temperature=0.8, eos_id=eos)
+            out.append({"prompt": prompt, "text": tok.decode(ids)})
+        return out
+
+    return sample
+
+
+def load_data(cfg: Config):
+    """(tokenizer, train source, eval batches, data fingerprint)."""
+    tok = corpus.get_tokenizer(cfg.data, cfg.model.vocab_size)
+    if cfg.data.source == "builtin":
+        train, heldout = corpus.builtin_streams(cfg.data, tok)
+    else:
+        raise config_lib.ConfigError(f"data.source={cfg.data.source!r} is not available in this build")
+    train.check_vocab(cfg.model.vocab_size, "training data")
+    heldout.check_vocab(cfg.model.vocab_size, "held-out data")
+    train_rows = pipeline.PackedRows(train, cfg.data.seq_len)
+    eval_rows = pipeline.PackedRows(heldout, cfg.data.seq_len)
+    eval_b = pipeline.eval_batches(eval_rows, cfg.train.batch_size, cfg.train.eval_batches)
+    fp = pipeline.fingerprint({"data": config_lib.to_dict(cfg.data), "tok": tokenizers.fingerprint(tok),
+                               "batch": cfg.train.batch_size, "seed": cfg.train.seed})
+    return tok, train_rows, eval_b, fp
+
+
+def init_state(cfg: Config, total_steps: int):
+    graphdef, params = models.init(cfg.model, cfg.train.seed)
+    optimizer = optim.adamw(cfg.optim, total_steps)
+    return graphdef, optimizer, state_lib.create(params, optimizer, cfg.train.seed)
+
+
+def run(cfg: Config) -> Path:
+    """Train (or resume) runs/<train.name>; returns the run directory."""
+    run_dir = Path(cfg.train.runs_dir) / cfg.train.name
+    resuming = loop.prepare_run_dir(run_dir, config_lib.to_dict(cfg), compare=("model", "data"))
+    tok, train_rows, eval_b, fp = load_data(cfg)
+    tok.save(str(run_dir / "tokenizer.json"))
+    graphdef, optimizer, state = init_state(cfg, cfg.train.steps)
+    log.info("model: %.2fM parameters; %d training rows of %d tokens%s", models.count_params(state.params) / 1e6,
+             len(train_rows), cfg.data.seq_len, " (resuming)" if resuming else "")
+    train_step = step_lib.make_train_step(partial(loss_fn, cfg=cfg), optimizer, accum_steps=cfg.optim.accum_steps,
+                                          lr_schedule=optim.schedule(cfg.optim, cfg.train.steps))
+    hooks = loop.Hooks(train_step=train_step,
+                       batches=pipeline.train_batches(train_rows, cfg.train.batch_size, cfg.train.seed),
+                       evaluate=make_evaluate(cfg, eval_b), sample=make_sample(cfg, tok), data_fingerprint=fp)
+    loop.fit(run_dir=run_dir, state=state, hooks=hooks, steps=cfg.train.steps, ckpt_cfg=cfg.checkpoint,
+             train_cfg=cfg.train)
+    return run_dir
