@@ -76,8 +76,9 @@ def restore_params(directory: str | Path, abstract_params: Any, *, step: int | N
     if step is None:
         raise CheckpointError(f"no checkpoint in {directory}; train the run first")
     item = {"params": abstract_params}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None), dtype=x.dtype), item)
+        lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or default, dtype=x.dtype), item)
     try:
         out = mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))

@@ -70,6 +70,7 @@ class TrainConfig:
     name: str = "tiny"
     runs_dir: str = "runs"
     steps: int = 300
+    stop_at: int = 0  # stop with a checkpoint after this step (time-sliced jobs); 0: run to train.steps
     batch_size: int = 16
     seed: int = 0
     z_loss: float = 0.0
@@ -122,7 +123,7 @@ _POSITIVE = (
     "train.eval_every", "checkpoint.every", "checkpoint.keep", "optim.accum_steps", "model.rope_theta",
 )
 _NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.clip_norm", "train.z_loss",
-                 "train.eval_batches", "train.sample_every", "data.max_documents", "model.head_dim")
+                 "train.eval_batches", "train.sample_every", "train.stop_at", "data.max_documents", "model.head_dim")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -199,6 +200,11 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
         typ = next(a for a in args if a is not type(None))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if typ in (int, float, str, bool) and not (isinstance(value, typ) and

@@ -25,14 +25,15 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params, *, decay_embeddings: bool):
-    """True for weights that get weight decay: matrices, but not norms, biases or (optionally) embeddings."""
+    """True for weights that get weight decay: weight matrices (named w*), never norms or biases; the
+    embedding and the LM head only when decay_embeddings."""
 
     def decide(path, leaf) -> bool:
         name = str(getattr(path[-1], "key", path[-1]))
-        if name in ("embed", "lm_head") and not decay_embeddings:
-            return False
+        if name in ("embed", "lm_head"):
+            return decay_embeddings
         stacked = any(str(getattr(p, "key", p)) == "layers" for p in path)
-        return leaf.ndim - int(stacked) >= 2
+        return name.startswith("w") and leaf.ndim - int(stacked) >= 2
 
     return jax.tree_util.tree_map_with_path(decide, params)
 

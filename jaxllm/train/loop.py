@@ -129,6 +129,8 @@ def fit(*, run_dir: Path, state: TrainState, hooks: Hooks, steps: int, ckpt_cfg,
                 state, metrics = hooks.train_step(state, batch)
                 pending.append(metrics)
                 # Log (and so check for NaN) at least whenever a checkpoint is due: none holds a NaN state.
+                if step == train_cfg.stop_at:
+                    flag["stop"] = True
                 due = step % ckpt_cfg.every == 0 or step == steps or flag["stop"]
                 if step % train_cfg.log_every == 0 or due:
                     now = time.perf_counter()
@@ -146,7 +148,7 @@ def fit(*, run_dir: Path, state: TrainState, hooks: Hooks, steps: int, ckpt_cfg,
                 if due:
                     save(step)
                 if flag["stop"]:
-                    runlog.say(f"interrupted at step {step}: checkpoint saved; run the same command to resume")
+                    runlog.say(f"stopped at step {step}: checkpoint saved; run the same command to resume")
                     break
     finally:
         mgr.wait_until_finished()

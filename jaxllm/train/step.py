@@ -57,7 +57,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         grads, metrics = _weighted_grads(loss_fn, state.params, batch, rng, accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state.step)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
