@@ -16,9 +16,7 @@ import grain
 import jax
 import numpy as np
 
-
-class DataError(ValueError):
-    pass
+from jaxllm.data.sources import DataError  # re-exported: callers import it from here
 
 
 @dataclass(frozen=True)
@@ -87,8 +85,23 @@ def fingerprint(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """Several random-access row sources with mixture weights (built shards, one source each)."""
+
+    sources: tuple
+    weights: tuple
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+
 def train_batches(source, batch_size: int, seed: int) -> grain.DatasetIterator:
-    """Endless shuffled batches of this host's slice; each epoch is reshuffled. Checkpointable iterator."""
+    """Endless shuffled batches of this host's slice; each epoch is reshuffled. Checkpointable iterator.
+
+    A Mixture is mixed by its weights (mixed_batches)."""
+    if isinstance(source, Mixture):
+        return mixed_batches(list(source.sources), list(source.weights), batch_size, seed)
     count, index = jax.process_count(), jax.process_index()
     if batch_size % count:
         raise DataError(f"train.batch_size={batch_size} is not divisible by {count} hosts")
@@ -107,3 +120,20 @@ def eval_batches(source, batch_size: int, n_batches: int) -> list[dict[str, np.n
     rows = [source[i] for i in range(n * batch_size)]
     return [{k: np.stack([r[k] for r in rows[b * batch_size:(b + 1) * batch_size]]) for k in rows[0]}
             for b in range(n)]
+
+
+def mixed_batches(sources: list, weights: list[float], batch_size: int, seed: int) -> grain.DatasetIterator:
+    """Endless batches mixing per-source rows by weight; this host's slice; checkpointable iterator.
+
+    Each source is shuffled (seeded per source, reshuffled each of its epochs) and repeated, so a small source
+    with a large weight is seen several epochs while a large one is not exhausted; Grain's `mix` interleaves
+    them deterministically in proportion to the weights. Rows are mixed, not documents: a row is one source's.
+    """
+    count, index = jax.process_count(), jax.process_index()
+    if batch_size % count:
+        raise DataError(f"train.batch_size={batch_size} is not divisible by {count} hosts")
+    per_source = [grain.MapDataset.source(s).shuffle(seed=seed * 1000 + i).repeat(None) for i, s in enumerate(sources)]
+    ds = grain.MapDataset.mix(per_source, weights=[float(w) for w in weights]) if len(per_source) > 1 else per_source[0]
+    if count > 1:
+        ds = ds[index::count]
+    return iter(ds.batch(batch_size // count, drop_remainder=True).to_iter_dataset())
