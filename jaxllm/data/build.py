@@ -291,7 +291,7 @@ def build(cfg: BuildConfig) -> dict:
     manifest = _manifest(cfg, tok, dtype, {n: r[0] for n, r in results.items()})
     report = make_report(cfg, results)
     tok.save(str(partial / "tokenizer.json"))
-    (partial / shards.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    (partial / shards.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     (partial / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
