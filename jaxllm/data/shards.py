@@ -95,6 +95,10 @@ class ShardRows:
     def __len__(self) -> int:
         return len(self.tokens) // self.seq_len
 
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Packed rows [B] -> a batch of [B, T] arrays."""
+        return gather_rows(self.tokens, self.offsets, rows, self.seq_len)
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         start = int(index) * self.seq_len
         end = start + self.seq_len
@@ -107,6 +111,27 @@ class ShardRows:
         starts = np.maximum.accumulate(np.where(new_doc, idx, 0))
         return {"tokens": tokens, "positions": idx - starts, "segment_ids": np.cumsum(new_doc, dtype=np.int32),
                 "loss_mask": np.ones(self.seq_len, np.int32)}
+
+
+def gather_rows(tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """Rows `rows` ([B] int) of a flat token array, packed: the batched ShardRows.__getitem__, vectorised.
+
+    tokens: [N]; offsets: [D + 1] document starts. Returns tokens, positions, segment_ids, loss_mask: [B, T] int32.
+    """
+    starts = np.asarray(rows, np.int64) * seq_len  # [B]
+    idx = np.arange(seq_len)
+    out = tokens[starts[:, None] + idx[None, :]].astype(np.int32)  # [B, T]
+    lo = np.searchsorted(offsets, starts + 1)  # first document start strictly inside each row
+    hi = np.searchsorted(offsets, starts + seq_len)
+    counts = hi - lo  # [B] documents starting inside each row
+    row_of = np.repeat(np.arange(len(starts)), counts)  # [K]
+    k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(lo, counts)  # [K]
+    new_doc = np.zeros(out.shape, bool)
+    new_doc[:, 0] = True
+    new_doc[row_of, offsets[k] - starts[row_of]] = True
+    doc_start = np.maximum.accumulate(np.where(new_doc, idx[None, :], 0), axis=1)  # [B, T]
+    return {"tokens": out, "positions": (idx[None, :] - doc_start).astype(np.int32),
+            "segment_ids": np.cumsum(new_doc, axis=1, dtype=np.int32), "loss_mask": np.ones(out.shape, np.int32)}
 
 
 def open_split(directory: str | Path, source: str, split: str, info: dict, seq_len: int) -> ShardRows:
