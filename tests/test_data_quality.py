@@ -86,6 +86,13 @@ def test_exact_key_normalises_case_and_whitespace():
     assert q.exact_key("hello world") != q.exact_key("hello world!")
 
 
+def test_shingle_hashes_count_distinct_grams():
+    text = "a b c a b c a b"  # 3-grams: abc bca cab abc bca cab -> 3 distinct
+    assert len(q.shingle_hashes(text, 3)) == 3
+    assert len(q.shingle_hashes("A  b", 5)) == 1 and len(q.shingle_hashes("", 5)) == 0
+    np.testing.assert_array_equal(q.shingle_hashes("Hello  WORLD again", 2), q.shingle_hashes("hello world again", 2))
+
+
 def _shingle_set(text: str, n: int) -> set[str]:
     ws = q.normalise(text).split()
     return {" ".join(ws[i:i + n]) for i in range(max(1, len(ws) - n + 1))}
@@ -107,8 +114,7 @@ def test_minhash_estimates_jaccard():
 def test_minhash_matches_a_plain_loop():
     a, b = q.permutations(16, seed=3)
     h = q.shingle_hashes(prose(2, 50), 3)
-    mersenne = (1 << 61) - 1
-    expected = [min(((int(ai) * int(x) + int(bi)) % mersenne) & 0xFFFFFFFF for x in h) for ai, bi in zip(a, b)]
+    expected = [min(((int(ai) * int(x) + int(bi)) % (1 << 64)) >> 32 for x in h) for ai, bi in zip(a, b)]
     np.testing.assert_array_equal(q.minhash(h, a, b, chunk=7), np.array(expected, np.uint32))
 
 

@@ -80,7 +80,9 @@ class FilterConfig:
 
 
 _WORD = re.compile(r"\w+")
-_SYMBOLS = frozenset("#{}<>|\\^~`@$*_")
+_SYMBOLS = "#{}<>|\\^~`@$*_"
+_LETTERS = re.compile(r"[^\W\d_]+")  # runs of letters
+_ALPHA_WORD = re.compile(r"\w*[^\W\d_]\w*")  # words with at least one letter
 STOPWORDS = frozenset("the be to of and a in that have it for not on with he as you do at this but his by from they "
                       "we say her she or an will my one all would there their what is are was were".split())
 
@@ -119,12 +121,12 @@ def blocklist_ok(text: str, pattern: re.Pattern | None, max_hits: int) -> bool:
 
 def gibberish_ok(text: str, cfg: GibberishConfig) -> bool:
     """Symbol / non-letter ratios, mean word length, repeated lines and the top word n-gram's coverage."""
-    chars = [c for c in text if not c.isspace()]
+    chars = "".join(text.split())  # non-space characters
     if not chars:
         return False
-    if sum(c in _SYMBOLS for c in chars) / len(chars) > cfg.max_symbol_ratio:
+    if sum(chars.count(c) for c in _SYMBOLS) / len(chars) > cfg.max_symbol_ratio:
         return False
-    if sum(not c.isalpha() for c in chars) / len(chars) > cfg.max_non_letter_ratio:
+    if len(_LETTERS.sub("", chars)) / len(chars) > cfg.max_non_letter_ratio:
         return False
     ws = words(text)
     if not ws:
@@ -151,13 +153,12 @@ def top_ngram_fraction(ws: list[str], n: int) -> float:
 
 
 def language_ok(text: str, cfg: LanguageConfig) -> bool:
-    ws = words(text)
+    ws = words(text.lower())
     if not ws:
         return False
-    lowered = [w.lower() for w in ws]
-    if sum(w in STOPWORDS for w in lowered) < cfg.min_stopwords:
+    if sum(map(STOPWORDS.__contains__, ws)) < cfg.min_stopwords:
         return False
-    return sum(any(c.isalpha() for c in w) for w in ws) / len(ws) >= cfg.min_alpha_word_ratio
+    return len(_ALPHA_WORD.findall(text)) / len(ws) >= cfg.min_alpha_word_ratio
 
 
 def first_rejection(text: str, cfg: FilterConfig, blocklist: re.Pattern | None, skip: tuple = ()) -> str:
@@ -188,34 +189,43 @@ def exact_key(text: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# MinHash + LSH. Shingles are word n-grams hashed to 32 bits; permutation i is h -> (a_i h + b_i) mod (2^61 - 1),
-# truncated to 32 bits (a_i, b_i < 2^31, so a_i h + b_i < 2^64 never overflows uint64).
+# MinHash + LSH. A shingle is n consecutive words of the normalised text: its 64-bit hash combines the words'
+# CRC32s polynomially. Permutation i is the multiply-shift hash h -> ((a_i h + b_i) mod 2^64) >> 32 (a_i odd):
+# no modulo by a prime, so a signature is one [S, P] multiply-add-shift-min in numpy.
 
-_MERSENNE = np.uint64((1 << 61) - 1)
+_GRAM_BASE = np.uint64(0x100000001B3)  # odd multiplier combining word hashes into a shingle hash
+_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b): [num_perm] uint64 each, fixed by the seed."""
+    """(a, b): [num_perm] uint64 each (a odd), fixed by the seed."""
     rng = np.random.default_rng(seed)
-    return (rng.integers(1, 1 << 31, num_perm, dtype=np.uint64), rng.integers(0, 1 << 31, num_perm, dtype=np.uint64))
+    a = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return a, rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
 
 
 def shingle_hashes(text: str, n: int) -> np.ndarray:
-    """[S] uint64 (< 2^32): hashes of the distinct word n-grams of the normalised text."""
+    """[S] uint64: hashes of the distinct word n-grams of the normalised text (one gram if fewer words)."""
     ws = normalise(text).split()
     if not ws:
         return np.zeros(0, np.uint64)
-    grams = [" ".join(ws[i:i + n]) for i in range(max(1, len(ws) - n + 1))]
-    return np.unique(np.fromiter((zlib.crc32(g.encode()) for g in grams), np.uint64, len(grams)))
+    word_hash = np.fromiter(map(zlib.crc32, map(str.encode, ws)), np.uint64, len(ws))  # [W]
+    n = min(n, len(ws))
+    grams = np.zeros(len(ws) - n + 1, np.uint64)  # [S]
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            grams = grams * _GRAM_BASE + word_hash[k:len(ws) - n + 1 + k]
+        return np.unique(grams * _MIX)
 
 
 def minhash(hashes: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """[P] uint32 signature: per permutation, the minimum permuted hash over the shingles ([S] uint64)."""
     sig = np.full(len(a), np.iinfo(np.uint32).max, np.uint64)
-    for start in range(0, len(hashes), chunk):
-        h = hashes[start:start + chunk, None]  # [S, 1]
-        permuted = ((h * a[None, :] + b[None, :]) % _MERSENNE) & np.uint64(0xFFFFFFFF)  # [S, P]
-        sig = np.minimum(sig, permuted.min(axis=0))
+    with np.errstate(over="ignore"):
+        for start in range(0, len(hashes), chunk):
+            h = hashes[start:start + chunk, None]  # [S, 1]
+            permuted = (h * a[None, :] + b[None, :]) >> np.uint64(32)  # [S, P], mod 2^64 by wrap-around
+            sig = np.minimum(sig, permuted.min(axis=0))
     return sig.astype(np.uint32)
 
 
