@@ -199,3 +199,12 @@ def test_cli_data_build_prints_table(tmp_path, tok_path):
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "exact_dup" in out.stdout and (Path(cfg.output) / "report.json").is_file()
+
+
+def test_shipped_example_config_parses_and_its_files_exist():
+    cfg = build.load_config(str(ROOT / "configs" / "data" / "example.yaml"))
+    assert set(cfg.sources) == {"web", "books", "code", "academic", "wiki"}
+    assert sum(s.weight for s in cfg.sources.values()) == pytest.approx(1.0)
+    for src in cfg.sources.values():
+        if src.type != "builtin":
+            assert (ROOT / src.path).exists(), src.path

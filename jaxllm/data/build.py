@@ -54,7 +54,7 @@ class BuildConfig:
     chunk_size: int = 64  # documents per worker task
     max_malformed_ratio: float = 0.01  # a source with more malformed records than this stops the build
     filters: quality.FilterConfig = quality.FilterConfig()
-    sources: dict = field(default_factory=dict)  # name -> SourceConfig fields
+    sources: dict | None = None  # name -> SourceConfig fields (type, path, field, suffix, weight, ...)
 
 
 def validate(cfg: BuildConfig) -> BuildConfig:
