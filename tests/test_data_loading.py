@@ -207,3 +207,15 @@ def test_pretrain_on_shards_refuses_a_remade_build(tmp_path):
     make(3.0)
     with pytest.raises(CheckpointError, match="another data config"):
         pretrain.run(config_lib.load(None, tiny + ["train.steps=4"]))
+
+
+def test_mixture_override():
+    names, weights = ["web", "books", "code"], [0.6, 0.3, 0.1]
+    assert shards.override_weights(names, weights, "") == weights
+    assert shards.override_weights(names, weights, "books=0.5, code=0") == [0.6, 0.5, 0.0]
+    with pytest.raises(pipeline.DataError, match="no source 'wiki' in the build"):
+        shards.override_weights(names, weights, "wiki=1")
+    with pytest.raises(pipeline.DataError, match="must be name=weight"):
+        shards.override_weights(names, weights, "web:1")
+    with pytest.raises(pipeline.DataError, match="every source has weight 0"):
+        shards.override_weights(names, weights, "web=0,books=0,code=0")

@@ -192,3 +192,26 @@ def load_build(directory: str | Path, seq_len: int, vocab_size: int) -> tuple[di
             elif len(rows):
                 heldout.append(rows)
     return manifest, train, weights, ConcatRows(tuple(heldout))
+
+
+def override_weights(names: list[str], weights: list[float], mixture: str) -> list[float]:
+    """Apply data.mixture ("name=weight,..."; 0 drops a source) over the build's weights."""
+    if not mixture.strip():
+        return list(weights)
+    out = dict(zip(names, weights))
+    for item in mixture.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise DataError(f"data.mixture: {item.strip()!r} must be name=weight, e.g. web=0.6")
+        if name not in out:
+            raise DataError(f"data.mixture: no source {name!r} in the build (sources: {', '.join(names)})")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise DataError(f"data.mixture: {item.strip()!r} must be name=weight, e.g. web=0.6") from None
+        if out[name] < 0:
+            raise DataError(f"data.mixture: weight of {name!r} must be >= 0")
+    if not any(out.values()):
+        raise DataError("data.mixture: every source has weight 0; give at least one a positive weight")
+    return [out[n] for n in names]

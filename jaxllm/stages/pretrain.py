@@ -77,9 +77,11 @@ def load_data(cfg: Config):
 
 
 def load_shards(cfg: Config):
-    """Shards built by `jaxllm data build` at data.path, mixed by the build's source weights."""
+    """Shards built by `jaxllm data build` at data.path, mixed by the build's source weights (or data.mixture)."""
     path = cfg.data.path
     manifest, train, weights, heldout = shards.load_build(path, cfg.data.seq_len, cfg.model.vocab_size)
+    weights = shards.override_weights([r.name.split("/")[0] for r in train], weights, cfg.data.mixture)
+    train, weights = [r for r, w in zip(train, weights) if w > 0], [w for w in weights if w > 0]
     tok = tokenizers.load(Path(path) / "tokenizer.json" if cfg.data.tokenizer == "builtin" else cfg.data.tokenizer)
     if tokenizers.fingerprint(tok) != manifest["tokenizer"]["sha256"]:
         raise pipeline.DataError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer {path} was built with; "
@@ -87,8 +89,10 @@ def load_shards(cfg: Config):
     eval_b = pipeline.eval_batches(heldout, cfg.train.batch_size, cfg.train.eval_batches)
     fp = pipeline.fingerprint({"data": config_lib.to_dict(cfg.data), "manifest": shards.manifest_hash(manifest),
                                "batch": cfg.train.batch_size, "seed": cfg.train.seed})
-    log.info("shards %s: %s training rows of %d tokens", path,
-             ", ".join(f"{r.name} {len(r)} (weight {w:g})" for r, w in zip(train, weights)), cfg.data.seq_len)
+    total_rows = cfg.train.steps * cfg.train.batch_size
+    log.info("shards %s: %s", path, "; ".join(
+        f"{r.name}: {len(r)} rows, weight {w:g} -> {total_rows * w / sum(weights) / len(r):.2f} epochs in "
+        f"{cfg.train.steps} steps" for r, w in zip(train, weights)))
     return tok, pipeline.Mixture(tuple(train), tuple(weights)), eval_b, fp
 
 
