@@ -137,7 +137,7 @@ def test_malformed_ratio_stops_the_build(tmp_path, tok_path):
     cfg = make_config(tmp_path, tok_path, write_inputs(tmp_path / "in"), max_malformed_ratio=0.05)
     with pytest.raises(DataError, match=r"source 'web': 2 of 25 records malformed .*web.jsonl:23"):
         build.build(cfg)
-    assert not Path(cfg.output).exists()
+    assert not Path(cfg.output).exists() and not Path(cfg.output + ".partial").exists()
 
 
 def test_undecodable_bytes_counted_with_line(tmp_path, tok_path, caplog):

@@ -285,6 +285,9 @@ def build(cfg: BuildConfig) -> dict:
         for name, src in cfg.sources.items():
             log.info("source %s: reading %s", name, src.path or "the built-in corpus")
             results[name] = _build_source(name, src, cfg, pool, partial, dtype, eos, dedup)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed build leaves nothing behind
+        raise
     finally:
         if pool:
             pool.terminate()
