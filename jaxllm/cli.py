@@ -59,6 +59,25 @@ def pretrain_cmd(argv: list[str]) -> int:
     return 0
 
 
+@command("data", "data build --config configs/data/example.yaml: filter, dedup, tokenize, write shards")
+def data_cmd(argv: list[str]) -> int:
+    if not argv or argv[0] != "build":
+        print("usage: jaxllm data build --config <build.yaml> [key=value ...]  (see docs/data.md)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    args = _config_parser("data build", "Build training shards from text, JSONL, Parquet and the built-in "
+                                        "corpus.").parse_args(argv[1:])
+    from jaxllm.data import build
+
+    if args.help_config:
+        _print_keys(build.BuildConfig)
+        return 0
+    cfg = build.load_config(args.config, args.overrides)
+    report = build.build(cfg)
+    print(build.format_report(report))
+    print(f"done: {cfg.output} (report: {cfg.output}/report.json)")
+    return 0
+
+
 @command("generate", "sample continuations from a trained run")
 def generate_cmd(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm generate", description="Sample from a trained run.")

@@ -48,6 +48,7 @@ class DataConfig:
     seq_len: int = 128
     heldout_fraction: float = 0.02
     max_documents: int = 0  # 0: all documents of the built-in corpus
+    mixture: str = ""  # shards: "web=0.5,books=0.3" overrides the build's source weights (0 drops a source)
 
 
 @dataclasses.dataclass(frozen=True)

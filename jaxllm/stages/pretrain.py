@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxllm import config as config_lib, losses, models, optim
 from jaxllm.config import Config
-from jaxllm.data import corpus, pipeline, tokenizer as tokenizers
+from jaxllm.data import corpus, pipeline, shards, tokenizer as tokenizers
 from jaxllm.models import transformer
 from jaxllm.rl import sampling
 from jaxllm.train import loop, state as state_lib, step as step_lib
@@ -58,12 +58,14 @@ def make_sample(cfg: Config, tok):
 
 
 def load_data(cfg: Config):
-    """(tokenizer, train source, eval batches, data fingerprint)."""
+    """(tokenizer, train source, eval batches, data fingerprint), from the built-in corpus or built shards.
+
+    The train source is PackedRows (built-in corpus) or a pipeline.Mixture of per-source rows (shards);
+    pipeline.train_batches takes either."""
+    if cfg.data.path or cfg.data.source == "shards":
+        return load_shards(cfg)
     tok = corpus.get_tokenizer(cfg.data, cfg.model.vocab_size)
-    if cfg.data.source == "builtin":
-        train, heldout = corpus.builtin_streams(cfg.data, tok)
-    else:
-        raise config_lib.ConfigError(f"data.source={cfg.data.source!r} is not available in this build")
+    train, heldout = corpus.builtin_streams(cfg.data, tok)
     train.check_vocab(cfg.model.vocab_size, "training data")
     heldout.check_vocab(cfg.model.vocab_size, "held-out data")
     train_rows = pipeline.PackedRows(train, cfg.data.seq_len)
@@ -72,6 +74,26 @@ def load_data(cfg: Config):
     fp = pipeline.fingerprint({"data": config_lib.to_dict(cfg.data), "tok": tokenizers.fingerprint(tok),
                                "batch": cfg.train.batch_size, "seed": cfg.train.seed})
     return tok, train_rows, eval_b, fp
+
+
+def load_shards(cfg: Config):
+    """Shards built by `jaxllm data build` at data.path, mixed by the build's source weights (or data.mixture)."""
+    path = cfg.data.path
+    manifest, train, weights, heldout = shards.load_build(path, cfg.data.seq_len, cfg.model.vocab_size)
+    weights = shards.override_weights([r.name.split("/")[0] for r in train], weights, cfg.data.mixture)
+    train, weights = [r for r, w in zip(train, weights) if w > 0], [w for w in weights if w > 0]
+    tok = tokenizers.load(Path(path) / "tokenizer.json" if cfg.data.tokenizer == "builtin" else cfg.data.tokenizer)
+    if tokenizers.fingerprint(tok) != manifest["tokenizer"]["sha256"]:
+        raise pipeline.DataError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer {path} was built with; "
+                                 "leave data.tokenizer=builtin to use the build's own tokenizer.json")
+    eval_b = pipeline.eval_batches(heldout, cfg.train.batch_size, cfg.train.eval_batches)
+    fp = pipeline.fingerprint({"data": config_lib.to_dict(cfg.data), "manifest": shards.manifest_hash(manifest),
+                               "batch": cfg.train.batch_size, "seed": cfg.train.seed})
+    total_rows = cfg.train.steps * cfg.train.batch_size
+    log.info("shards %s: %s", path, "; ".join(
+        f"{r.name}: {len(r)} rows, weight {w:g} -> {total_rows * w / sum(weights) / len(r):.2f} epochs in "
+        f"{cfg.train.steps} steps" for r, w in zip(train, weights)))
+    return tok, pipeline.Mixture(tuple(train), tuple(weights)), eval_b, fp
 
 
 def init_state(cfg: Config, total_steps: int):
