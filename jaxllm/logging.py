@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 
 def setup(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)  # absl may have set one
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
