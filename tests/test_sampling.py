@@ -154,21 +154,34 @@ def test_top_k_top_p_never_sample_outside_allowed_set(temperature, top_k, top_p)
         np.testing.assert_allclose(logprobs[:, b], renormed[tokens[:, b]], rtol=1e-5, atol=1e-5)
 
 
-def test_logprob_policies_match_full_forward(model):
+def test_sampled_policy_logprobs_match_full_forward(model):
+    """End to end with temperature, top-k and top-p: the tokens the loop records and their log-probs line up."""
     cfg, graphdef, params = model
-    base = SamplingConfig(max_new_tokens=4, temperature=0.7, top_k=20, top_p=0.9)
-    outs = {mode: sampling.generate(graphdef, params, PROMPTS, jax.random.key(5), SamplingConfig(
-        **{**base.__dict__, "logprobs": mode})) for mode in sampling.LOGPROBS}
-    tokens = np.asarray(outs["policy"][0])
-    for mode in sampling.LOGPROBS:  # the policy only changes what is reported, never what is sampled
-        np.testing.assert_array_equal(np.asarray(outs[mode][0]), tokens)
+    sc = SamplingConfig(max_new_tokens=4, temperature=0.7, top_k=20, top_p=0.9)
+    tokens, logprobs, mask = (np.asarray(x) for x in sampling.generate(graphdef, params, PROMPTS,
+                                                                      jax.random.key(5), sc))
+    assert mask.all()
     for i, prompt in enumerate(PROMPTS):
         logits = full_logits(params, cfg, prompt + list(tokens[i]))[len(prompt) - 1:-1]  # [N, V]
-        rows = np.arange(len(tokens[i]))
-        sampler = np_log_softmax(np.where(np_allowed(logits, 0.7, 20, 0.9), logits / 0.7, -np.inf))
-        want = {"policy": np_log_softmax(logits), "tempered": np_log_softmax(logits / 0.7), "sampler": sampler}
-        for mode in sampling.LOGPROBS:
-            np.testing.assert_allclose(np.asarray(outs[mode][1][i]), want[mode][rows, tokens[i]], **LOGIT_TOL)
+        assert np_allowed(logits, 0.7, 20, 0.9)[np.arange(4), tokens[i]].all()
+        np.testing.assert_allclose(logprobs[i], np_log_softmax(logits)[np.arange(4), tokens[i]], **LOGIT_TOL)
+
+
+@pytest.mark.parametrize("mode", sampling.LOGPROBS)
+def test_logprob_policies_on_fixed_logits(mode):
+    logits = np.random.default_rng(3).normal(0.0, 2.0, (2, 40)).astype(np.float32)
+    sc = SamplingConfig(temperature=0.7, top_k=20, top_p=0.9, logprobs=mode)
+    keys = jax.random.split(jax.random.key(0), 64)
+    tokens, logprobs = jax.vmap(lambda k: sampling.sample_logits(k, jnp.asarray(logits), sc))(keys)  # [N, 2]
+    x = logits.astype(np.float64)
+    want = {"policy": np_log_softmax(x), "tempered": np_log_softmax(x / 0.7),
+            "sampler": np_log_softmax(np.where(np_allowed(x, 0.7, 20, 0.9), x / 0.7, -np.inf))}[mode]
+    for b in range(2):
+        np.testing.assert_allclose(np.asarray(logprobs[:, b]), want[b, np.asarray(tokens[:, b])], rtol=1e-5, atol=1e-5)
+    greedy = sampling.sample_logits(None, jnp.asarray(logits), SamplingConfig(temperature=0.0, logprobs=mode))
+    want_greedy = np.zeros(2) if mode == "sampler" else np_log_softmax(x)[np.arange(2), x.argmax(-1)]
+    np.testing.assert_array_equal(np.asarray(greedy[0]), x.argmax(-1))
+    np.testing.assert_allclose(np.asarray(greedy[1]), want_greedy, rtol=1e-5, atol=1e-5)
 
 
 def test_stop_token_ends_row_and_is_kept(model):
