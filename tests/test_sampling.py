@@ -167,6 +167,26 @@ def test_sampled_policy_logprobs_match_full_forward(model):
         np.testing.assert_allclose(logprobs[i], np_log_softmax(logits)[np.arange(4), tokens[i]], **LOGIT_TOL)
 
 
+def test_as_batch_scores_rollouts_like_generate(model):
+    """The rollout batch through the training forward gives back generate's policy log-probs (PPO's old_logprobs)."""
+    cfg, graphdef, params = model
+    sc = SamplingConfig(max_new_tokens=8, temperature=1.0, stop_tokens=(196, 118))  # rows 0 and 1 stop early
+    prompt_tokens, lengths = sampling.pad_prompts(PROMPTS, cfg, sc)
+    tokens, logprobs, mask = sampling.generate(graphdef, params, (prompt_tokens, lengths), jax.random.key(3), sc)
+    assert 0 < int(np.asarray(mask).sum()) < mask.size  # the stop path is exercised
+    batch = sampling.as_batch(jnp.asarray(prompt_tokens), jnp.asarray(lengths), tokens, mask)
+    logits = _full_logits(params, cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
+    scored = np.asarray(jax.nn.log_softmax(logits[:, :-1], -1), np.float64)  # [B, P + N - 1, V]
+    targets = np.asarray(batch["tokens"][:, 1:])
+    scored = np.take_along_axis(scored, targets[..., None], -1)[..., 0] * np.asarray(batch["loss_mask"][:, 1:])
+    p = prompt_tokens.shape[1]
+    np.testing.assert_allclose(scored[:, p - 1:], np.asarray(logprobs), **LOGIT_TOL)
+    assert int(np.asarray(batch["loss_mask"]).sum()) == int(np.asarray(mask).sum())
+    for i, prompt in enumerate(PROMPTS):  # positions restart at each row's first real token
+        real = np.asarray(batch["segment_ids"][i]) == 1
+        np.testing.assert_array_equal(np.asarray(batch["positions"][i])[real], np.arange(real.sum()))
+
+
 @pytest.mark.parametrize("mode", sampling.LOGPROBS)
 def test_logprob_policies_on_fixed_logits(mode):
     logits = np.random.default_rng(3).normal(0.0, 2.0, (2, 40)).astype(np.float32)

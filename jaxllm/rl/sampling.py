@@ -218,6 +218,25 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
 _generate_jit = jax.jit(generate_arrays, static_argnames=("model_cfg", "config"))
 
 
+def as_batch(prompt_tokens: jax.Array, prompt_lengths: jax.Array, tokens: jax.Array,
+             mask: jax.Array) -> dict[str, jax.Array]:
+    """Prompts + sampled responses as a training batch (for scoring rollouts with `transformer.logits`).
+
+    prompt_tokens: [B, P] left-padded, prompt_lengths: [B]; tokens, mask: [B, N] from `generate_arrays`.
+    Returns {tokens, positions, segment_ids, loss_mask} each [B, P + N] int32: padding (left of the prompt and
+    after a stop) has segment id 0; loss_mask is 1 on the generated tokens, so `logits[:, t - 1]` scores
+    `tokens[:, t]` exactly where `generate` reported a log-probability.
+    """
+    p = prompt_tokens.shape[1]
+    mask = mask.astype(jnp.int32)
+    in_prompt = (jnp.arange(p)[None, :] >= (p - prompt_lengths)[:, None]).astype(jnp.int32)  # [B, P]
+    segment_ids = jnp.concatenate([in_prompt, mask], axis=1)  # [B, P + N]
+    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0) * segment_ids
+    return {"tokens": jnp.concatenate([prompt_tokens, tokens], axis=1).astype(jnp.int32),
+            "positions": positions.astype(jnp.int32), "segment_ids": segment_ids,
+            "loss_mask": jnp.concatenate([jnp.zeros_like(in_prompt), mask], axis=1)}
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], model_cfg: ModelConfig,
                 config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token lists into ([B, P] int32, lengths [B] int32); P a multiple of config.prompt_bucket.
