@@ -120,8 +120,9 @@ def bench_hf(name: str, args) -> dict | None:
 
     def run():
         with torch.inference_mode():
-            out = model.generate(prompts, attention_mask=mask, do_sample=True, temperature=args.temperature or 1.0,
-                                 top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.new_tokens,
+            sampling_args = (dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                             if args.temperature > 0 else dict(do_sample=False))
+            out = model.generate(prompts, attention_mask=mask, **sampling_args, max_new_tokens=args.new_tokens,
                                  pad_token_id=0)  # no eos: every row runs to max_new_tokens
         if device == "cuda":
             torch.cuda.synchronize()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -56,8 +57,7 @@ def generate_texts(run_dir: str | Path, prompts: Sequence[str], config: sampling
     graphdef, _ = models.abstract(cfg.model)
     params, step = runs.load_params(run_dir, cfg.model)
     stop = (tokenizers.eos_id(tok),)
-    config = sampling.SamplingConfig(**{**config.__dict__, "stop_tokens": config.stop_tokens or stop,
-                                        "pad_id": tokenizers.pad_id(tok)})
+    config = dataclasses.replace(config, stop_tokens=config.stop_tokens or stop, pad_id=tokenizers.pad_id(tok))
     ids = [tok.encode(p).ids for p in prompts]
     for i, prompt_ids in enumerate(ids):
         if not prompt_ids:
