@@ -13,6 +13,7 @@ top-p, with no stop token, so every row produces exactly --new-tokens tokens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -22,6 +23,7 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for the torch peer
 
 import jax  # noqa: E402
+import jaxlib  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -88,14 +90,20 @@ def bench_ours(name: str, args) -> dict:
     lengths = jnp.full((args.batch,), args.prompt_len, jnp.int32)
     batch = (jnp.asarray(prompts), lengths)
 
-    def run():
-        out = sampling.generate(graphdef, params, batch, jax.random.key(1), config)
-        jax.block_until_ready(out)
-        assert int(out[2].sum()) == args.batch * args.new_tokens
+    def run(cfg_: sampling.SamplingConfig):
+        def call():
+            out = sampling.generate(graphdef, params, batch, jax.random.key(1), cfg_)
+            jax.block_until_ready(out)
+            assert int(out[2].sum()) == args.batch * cfg_.max_new_tokens
+        return call
 
-    seconds = timed(run, args.reps)
-    return {**record, "impl": "jaxllm", "median_s": seconds, "card": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None}
+    seconds = timed(run(config), args.reps)
+    # Diagnostics: the same call greedy (sampling cost), and with 1 new token (prefill + one step).
+    greedy_s = timed(run(dataclasses.replace(config, temperature=0.0)), args.reps)
+    one_s = timed(run(dataclasses.replace(config, max_new_tokens=1)), args.reps)
+    return {**record, "impl": "jaxllm", "median_s": seconds, "greedy_median_s": greedy_s,
+            "prefill_plus_1_s": one_s, "decode_step_ms": 1e3 * (seconds - one_s) / max(args.new_tokens - 1, 1),
+            "card": jax.devices()[0].device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__}
 
 
 def bench_hf(name: str, args) -> dict | None:
@@ -168,12 +176,15 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
-    print(f"\n| config | impl | card | new tokens/s | median s/call | speed-up vs HF |\n|---|---|---|---|---|---|")
+    print("\n| config | impl | card | new tokens/s | median s/call | speed-up vs HF | ours: greedy s/call, "
+          "prefill+1 s, decode ms/step |\n|---|---|---|---|---|---|---|")
     for row in rows:
         hf = next((r for r in rows if r["config"] == row["config"] and r["impl"] == "hf"), None)
         speedup = f"{row['new_tokens_per_s'] / hf['new_tokens_per_s']:.1f}x" if hf else "-"
         print(f"| {row['config']} | {row['impl']} | {row['card']} | {row['new_tokens_per_s']:,.0f} | "
-              f"{row['median_s']:.3f} | {speedup} |")
+              f"{row['median_s']:.3f} | {speedup} | " + (f"{row['greedy_median_s']:.3f}, {row['prefill_plus_1_s']:.3f}, "
+                                                         f"{row['decode_step_ms']:.2f}" if "greedy_median_s" in row else "-")
+              + " |")
 
 
 if __name__ == "__main__":

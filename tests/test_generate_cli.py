@@ -69,3 +69,17 @@ def test_bad_inputs_give_one_line_errors(run_dir, tmp_path, capsys):
     assert "max_new_tokens" in capsys.readouterr().err
     assert cli.main(["generate", "--run", str(path), "--prompt", "hello " * 60, "--max-new-tokens", "8"]) == 1
     assert "shorten it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_generate_tiny_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "scripts/bench_generate.py", "--tiny", "--no-hf"], cwd=root,
+                            capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"impl": "jaxllm"' in result.stdout and "| tiny | jaxllm |" in result.stdout
