@@ -228,6 +228,10 @@ def test_bad_prompts_and_config_raise_one_line_errors(model):
         sampling.generate(graphdef, params, [], key, sc)
     with pytest.raises(DataError, match="prompt 0 has 60 tokens.*<= 56"):
         sampling.generate(graphdef, params, [[1] * 60], key, sc)
+    with pytest.raises(DataError, match="prompt 1 has length 0"):
+        sampling.generate(graphdef, params, (np.ones((2, 4), np.int32), np.array([4, 0])), key, sc)
+    with pytest.raises(DataError, match="exceeds model.max_seq_len"):
+        sampling.generate(graphdef, params, (np.ones((2, 60), np.int32), np.array([4, 3])), key, sc)
     for field, value in [("top_p", 0.0), ("top_k", -1), ("temperature", -1.0), ("logprobs", "raw"),
                          ("max_new_tokens", 64), ("stop_tokens", (999,))]:
         with pytest.raises(ConfigError, match=field):

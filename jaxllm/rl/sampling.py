@@ -181,8 +181,11 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
     position 0. Returns (tokens [B, N] int32, logprobs [B, N] float32, mask [B, N] int32) with
     N = config.max_new_tokens: the new tokens only, pad_id and logprob 0 where mask is 0 (after a stop token).
     """
+    check_config(config, model_cfg)  # static values: free under jit
     b, p = prompt_tokens.shape
     n = config.max_new_tokens
+    if p + n > model_cfg.max_seq_len:
+        raise DataError(f"prompt width {p} + max_new_tokens={n} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     pad = p - prompt_lengths.astype(jnp.int32)  # [B]
     cols = jnp.arange(p + n, dtype=jnp.int32)[None, :]
     kv_positions = jnp.maximum(cols - pad[:, None], 0)  # [B, S]
@@ -277,9 +280,11 @@ def generate(graphdef: nnx.GraphDef, params, prompts, key: jax.Array,
     check_config(config, cfg)
     if isinstance(prompts, tuple) and len(prompts) == 2 and hasattr(prompts[0], "shape"):
         tokens, lengths = prompts
-        if tokens.shape[1] + config.max_new_tokens > cfg.max_seq_len:
-            raise DataError(f"prompt width {tokens.shape[1]} + max_new_tokens={config.max_new_tokens} exceeds "
-                            f"model.max_seq_len={cfg.max_seq_len}")
+        if not isinstance(lengths, jax.core.Tracer):
+            bad = np.flatnonzero((np.asarray(lengths) < 1) | (np.asarray(lengths) > tokens.shape[1]))
+            if bad.size:
+                raise DataError(f"prompt {bad[0]} has length {np.asarray(lengths)[bad[0]]}; lengths must be in "
+                                f"[1, prompt width {tokens.shape[1]}] (empty prompts are not allowed)")
     else:
         tokens, lengths = pad_prompts(prompts, cfg, config)
     return _generate_jit(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), key, config)
