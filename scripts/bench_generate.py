@@ -18,6 +18,8 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for the torch peer
@@ -145,6 +147,22 @@ def bench_hf(name: str, args) -> dict | None:
             "transformers": transformers.__version__}
 
 
+def bench_hf_subprocess(name: str, args) -> dict | None:
+    """bench_hf in a child process: torch and jax keep their own CUDA libraries and memory pools apart."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--hf-worker", "--configs", name, "--batch", str(args.batch),
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--temperature",
+           str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--reps", str(args.reps)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    for line in result.stdout.splitlines():
+        if line.startswith("#"):
+            print(line, flush=True)
+    if result.returncode or not lines:
+        print(f"# hf {name}: failed (exit {result.returncode}): {result.stderr.strip()[-1500:]}", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="124m,1b", help="comma-separated: 124m, 1b, tiny")
@@ -158,7 +176,13 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peer")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, batch 4, 16 + 16 tokens")
+    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)  # the child of bench_hf_subprocess
     args = parser.parse_args()
+    if args.hf_worker:
+        result = bench_hf(args.configs, args)
+        if result:
+            print(json.dumps(result), flush=True)
+        return
     if args.tiny:
         args.configs, args.batch, args.prompt_len, args.new_tokens, args.reps = "tiny", 4, 16, 16, 3
     common = {"bench": "generate", "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -166,7 +190,7 @@ def main() -> None:
               "date": datetime.date.today().isoformat()}
     rows = []
     for name in args.configs.split(","):
-        results = [bench_ours(name, args)] + ([] if args.no_hf else [bench_hf(name, args)])
+        results = [bench_ours(name, args)] + ([] if args.no_hf else [bench_hf_subprocess(name, args)])
         for result in filter(None, results):
             record = {**common, "config": name, **result,
                       "new_tokens_per_s": args.batch * args.new_tokens / result["median_s"]}
