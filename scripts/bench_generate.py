@@ -157,6 +157,8 @@ def bench_hf_subprocess(name: str, args) -> dict | None:
     for line in result.stdout.splitlines():
         if line.startswith("#"):
             print(line, flush=True)
+    if result.returncode == 0 and not lines:  # skipped; the child said why
+        return None
     if result.returncode or not lines:
         print(f"# hf {name}: failed (exit {result.returncode}): {result.stderr.strip()[-1500:]}", flush=True)
         return None
