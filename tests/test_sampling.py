@@ -243,6 +243,7 @@ def test_bad_prompts_and_config_raise_one_line_errors(model):
 
 
 MESH_SCRIPT = textwrap.dedent("""
+    import re
     import jax, numpy as np
     from jax.sharding import NamedSharding
     from jaxllm import config as config_lib, models
@@ -258,6 +259,10 @@ MESH_SCRIPT = textwrap.dedent("""
         sharded = jax.tree.map(lambda x, axes: jax.device_put(x, NamedSharding(mesh, rules.spec(axes))),
                                params, models.logical_axes(cfg))
         got = sampling.generate(graphdef, sharded, PROMPTS, jax.random.key(0), sc)
+        tokens, lengths = sampling.pad_prompts(PROMPTS, cfg, sc)
+        hlo = sampling._generate_jit.lower(sharded, cfg, tokens, lengths, jax.random.key(0), sc).compile().as_text()
+    # The cache [B=4, S=16+8, K=2, D=8] exists only as per-device shards: batch over data*fsdp, KV heads over tensor.
+    assert set(re.findall(r"f32\[\d+,24,\d+,8\]", hlo)) == {"f32[1,24,1,8]"}, re.findall(r"f32\[\d+,24,\d+,8\]", hlo)
     assert got[0].sharding.spec[0] == ("data", "fsdp"), got[0].sharding
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-4)
