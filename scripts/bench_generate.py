@@ -207,10 +207,10 @@ def main() -> None:
     for row in rows:
         hf = next((r for r in rows if r["config"] == row["config"] and r["impl"] == "hf"), None)
         speedup = f"{row['new_tokens_per_s'] / hf['new_tokens_per_s']:.1f}x" if hf else "-"
+        extra = (f"{row['greedy_median_s']:.3f}, {row['prefill_plus_1_s']:.3f}, {row['decode_step_ms']:.2f}"
+                 if "greedy_median_s" in row else "-")
         print(f"| {row['config']} | {row['impl']} | {row['card']} | {row['new_tokens_per_s']:,.0f} | "
-              f"{row['median_s']:.3f} | {speedup} | " + (f"{row['greedy_median_s']:.3f}, {row['prefill_plus_1_s']:.3f}, "
-                                                         f"{row['decode_step_ms']:.2f}" if "greedy_median_s" in row else "-")
-              + " |")
+              f"{row['median_s']:.3f} | {speedup} | {extra} |")
 
 
 if __name__ == "__main__":
