@@ -78,32 +78,36 @@ def data_cmd(argv: list[str]) -> int:
     return 0
 
 
-@command("generate", "sample continuations from a trained run")
+@command("generate", "sample continuations from a trained run (KV cache; JSONL in, JSONL out)")
 def generate_cmd(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm generate", description="Sample from a trained run.")
     parser.add_argument("--run", required=True, help="run directory, e.g. runs/tiny")
     parser.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    parser.add_argument("--prompts", help='JSONL file, one {"prompt": "..."} per line')
+    parser.add_argument("--output", help="write JSONL here instead of stdout")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--logprobs", default="policy", choices=("policy", "tempered", "sampler"),
+                        help="distribution of the reported logprob (see docs/generate.md)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not args.prompt:
-        parser.error("give at least one --prompt")
-    import jax
+    if not args.prompt and not args.prompts:
+        parser.error("give --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+    from jaxllm.rl import sampling, textgen
 
-    from jaxllm import runs
-    from jaxllm.data import tokenizer as tokenizers
-    from jaxllm.rl import sampling
-
-    cfg = runs.load_config(args.run)
-    tok = runs.load_tokenizer(args.run)
-    params, step = runs.load_params(args.run, cfg.model)
-    for i, prompt in enumerate(args.prompt):
-        ids = tok.encode(prompt).ids
-        out = sampling.simple_generate(params, cfg.model, ids, jax.random.fold_in(jax.random.PRNGKey(args.seed), i),
-                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       eos_id=tokenizers.eos_id(tok))
-        print(json.dumps({"step": step, "prompt": prompt, "text": tok.decode(out)}))
+    prompts = list(args.prompt or []) + (textgen.read_prompts(args.prompts) if args.prompts else [])
+    config = sampling.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, logprobs=args.logprobs)
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        for record in textgen.generate_texts(args.run, prompts, config, batch_size=args.batch_size, seed=args.seed):
+            print(json.dumps(record), file=out, flush=True)
+    finally:
+        if args.output:
+            out.close()
     return 0
 
 

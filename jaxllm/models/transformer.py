@@ -128,13 +128,41 @@ def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return _dense(jax.nn.silu(gate) * up, p["w_down"], "btf,fd->btd", p, "b_down")
 
 
+def _finish_block(p: Params, x: jax.Array, attn: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Attention output projection, residual, then the MLP residual. attn: [B, T, H, D]; x: [B, T, D]."""
+    x = x + _dense(attn, p["wo"], "btnh,nhd->btd", p, "bo")
+    x = x + mlp(p, x, cfg)
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
 def block(p: Params, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
     """One decoder layer (pre-norm). x: [B, T, D] in the compute dtype."""
     q, k, v = qkv(p, x, positions, cfg)
     attn = attention(q, k, v, segment_ids=segment_ids, causal=True, impl=cfg.attention_impl)  # [B, T, H, D]
-    x = x + _dense(attn, p["wo"], "btnh,nhd->btd", p, "bo")
-    x = x + mlp(p, x, cfg)
-    return constrain(x, ("batch", "seq", "act_embed"))
+    return _finish_block(p, x, attn, cfg)
+
+
+CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+
+
+def block_decode(p: Params, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],
+                 index: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array,
+                 cfg: ModelConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One decoder layer over T new tokens with a KV cache (prefill: T = prompt width; decode: T = 1).
+
+    x: [B, T, D]; positions: [B, T] (exact per-row positions); cache: (k, v) each [B, S, K, D];
+    index: scalar column where the new keys are written (shared by all rows: prompts are left-padded);
+    kv_positions, kv_segment_ids: [B, S] for every cache column (0 = padding). Columns not yet written have
+    positions beyond every query's, so position-based causality hides them. Returns (x, updated cache).
+    """
+    q, k, v = qkv(p, x, positions, cfg)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
+    cache_k, cache_v = constrain(cache_k, CACHE_AXES), constrain(cache_v, CACHE_AXES)
+    q_segment_ids = jnp.ones(positions.shape, jnp.int32)
+    attn = attention(q, cache_k, cache_v, segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                     q_positions=positions, kv_positions=kv_positions, impl=cfg.attention_impl)  # [B, T, H, D]
+    return _finish_block(p, x, attn, cfg), (cache_k, cache_v)
 
 
 _REMAT = {

@@ -1,15 +1,79 @@
-"""Sampling from a model. `simple_generate` re-runs the full forward per token (no cache): small and
-obviously right, used for samples during training and as the oracle for the KV-cache sampler."""
+"""Sampling from a model.
+
+`generate` is the fast path: prefill and decode in one jit with a pre-allocated KV cache (rl/kv_cache.py), a
+`lax.while_loop` over steps that exits once every row has stopped, left-padded prompts with exact per-row
+positions, greedy / temperature / top-k / top-p, stop tokens, and per-token log-probabilities.
+`simple_generate` re-runs the full forward per token (no cache): small and obviously right, used as the oracle
+for `generate` in tests.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from functools import partial
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ConfigError, ModelConfig
+from jaxllm.data.pipeline import DataError
 from jaxllm.models import transformer
+from jaxllm.parallel.rules import constrain
+from jaxllm.rl import kv_cache
+
+LOGPROBS = ("policy", "tempered", "sampler")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How `generate` samples.
+
+    logprobs says which distribution the returned per-token log-probabilities come from:
+      policy   - the model's own distribution, log_softmax(logits) at temperature 1, no top-k/top-p (what PPO's
+                 ratio and KL need when the trainer also scores at temperature 1; the default);
+      tempered - log_softmax(logits / temperature), no top-k/top-p (the convention of trainers that also
+                 divide by the sampling temperature when scoring); equals policy when temperature is 0;
+      sampler  - the distribution actually sampled from: temperature, then top-k, then top-p, renormalised
+                 (0.0 for greedy, whose distribution is a point mass).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    stop_tokens: tuple[int, ...] = ()  # the stop token is emitted (mask 1), nothing after it
+    logprobs: str = "policy"  # policy | tempered | sampler
+    pad_id: int = 0  # written after a row stops (mask 0), and left of short prompts
+    prompt_bucket: int = 16  # prompt width is rounded up to a multiple of this, to reuse compilations
+
+
+def check_config(config: SamplingConfig, model_cfg: ModelConfig) -> SamplingConfig:
+    """Raise ConfigError naming the bad field; return config unchanged."""
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"sampling.{key}={getattr(config, key)!r} {why}")
+
+    if config.max_new_tokens < 1:
+        raise bad("max_new_tokens", "must be >= 1")
+    if config.max_new_tokens >= model_cfg.max_seq_len:
+        raise bad("max_new_tokens", f"leaves no room for a prompt in model.max_seq_len={model_cfg.max_seq_len}")
+    if not config.temperature >= 0.0:
+        raise bad("temperature", "must be >= 0 (0 = greedy)")
+    if not 0 <= config.top_k <= model_cfg.vocab_size:
+        raise bad("top_k", f"must be in [0, vocab_size={model_cfg.vocab_size}] (0 = off)")
+    if not 0.0 < config.top_p <= 1.0:
+        raise bad("top_p", "must be in (0, 1] (1 = off)")
+    if config.logprobs not in LOGPROBS:
+        raise bad("logprobs", f"is not allowed; choose one of {', '.join(LOGPROBS)}")
+    if any(not 0 <= t < model_cfg.vocab_size for t in (*config.stop_tokens, config.pad_id)):
+        raise ConfigError(f"sampling.stop_tokens={config.stop_tokens} / pad_id={config.pad_id} must be token ids "
+                          f"in [0, {model_cfg.vocab_size})")
+    if config.prompt_bucket < 1:
+        raise bad("prompt_bucket", "must be >= 1")
+    return config
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -47,3 +111,180 @@ def simple_generate(params, cfg: ModelConfig, prompt: list[int], key: jax.Array,
         buf = buf.at[0, length].set(token)
         length += 1
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The KV-cache sampler.
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """The logits actually sampled from: divided by temperature, then top-k, then top-p (nucleus).
+
+    logits: [B, V] float32; returns [B, V] float32 with -inf outside the allowed set. Top-p keeps the smallest
+    prefix of tokens (by descending probability after top-k) whose mass reaches top_p; the top token is always
+    kept. Tokens tied with the last kept value are kept too. temperature must be > 0 here.
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    vocab = logits.shape[-1]
+    if top_k == 0 and top_p >= 1.0:
+        return logits
+    if top_k:
+        ranked = jax.lax.top_k(logits, top_k)[0]  # [B, k] descending
+    else:
+        ranked = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+    if top_p < 1.0:
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)  # [B, 1]
+    else:
+        n_keep = jnp.full((logits.shape[0], 1), min(top_k or vocab, vocab))
+    threshold = jnp.take_along_axis(ranked, n_keep - 1, axis=-1)  # [B, 1]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """One token per row from logits [B, V] float32 -> (tokens [B] int32, logprobs [B] float32)."""
+    greedy = config.temperature == 0.0
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        filtered = None
+    else:
+        filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
+        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    if config.logprobs == "sampler":
+        if greedy:
+            return tokens, jnp.zeros(tokens.shape, jnp.float32)
+        source = filtered
+    elif config.logprobs == "tempered" and not greedy:
+        source = logits / config.temperature
+    else:
+        source = logits
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(source, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
+
+
+def _prefill(top, layers, cfg: ModelConfig, prompt_tokens, kv_positions, kv_segment_ids, cache_len: int):
+    """Run the prompts [B, P] through the model into a fresh cache; logits [B, V] of each row's last token."""
+    b, p = prompt_tokens.shape
+    cache = kv_cache.init_cache(cfg, b, cache_len)
+    hidden, cache = kv_cache.forward(top, layers, cfg, prompt_tokens, kv_positions[:, :p], cache, jnp.int32(0),
+                                     kv_positions, kv_segment_ids)
+    return kv_cache.last_logits(top, cfg, hidden), cache
+
+
+def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
+                    key: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The pure, jittable sampler (model_cfg and config static).
+
+    prompt_tokens: [B, P] int32, LEFT-padded (row b's prompt fills its last prompt_lengths[b] columns);
+    prompt_lengths: [B] int32 >= 1, with P + max_new_tokens <= model.max_seq_len. Row b's first real token has
+    position 0. Returns (tokens [B, N] int32, logprobs [B, N] float32, mask [B, N] int32) with
+    N = config.max_new_tokens: the new tokens only, pad_id and logprob 0 where mask is 0 (after a stop token).
+    """
+    check_config(config, model_cfg)  # static values: free under jit
+    b, p = prompt_tokens.shape
+    n = config.max_new_tokens
+    if p + n > model_cfg.max_seq_len:
+        raise DataError(f"prompt width {p} + max_new_tokens={n} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    pad = p - prompt_lengths.astype(jnp.int32)  # [B]
+    cols = jnp.arange(p + n, dtype=jnp.int32)[None, :]
+    kv_positions = jnp.maximum(cols - pad[:, None], 0)  # [B, S]
+    kv_segment_ids = (cols >= pad[:, None]).astype(jnp.int32)  # [B, S]
+    top, layers = kv_cache.prepare_params(params, model_cfg)
+    logits, cache = _prefill(top, layers, model_cfg, prompt_tokens, kv_positions, kv_segment_ids, p + n)
+    stop = jnp.asarray(config.stop_tokens, jnp.int32)
+    state = {"step": jnp.int32(0), "logits": logits, "cache": cache, "done": jnp.zeros((b,), bool),
+             "tokens": jnp.full((b, n), config.pad_id, jnp.int32), "logprobs": jnp.zeros((b, n), jnp.float32),
+             "mask": jnp.zeros((b, n), jnp.int32)}
+
+    def cond(state):
+        return (state["step"] < n) & ~jnp.all(state["done"])
+
+    def body(state):
+        step, active = state["step"], ~state["done"]
+        token, logprob = sample_logits(jax.random.fold_in(key, step), state["logits"], config)
+        token = jnp.where(active, token, config.pad_id)
+        done = state["done"] | (jnp.any(token[:, None] == stop[None, :], axis=-1) if stop.size else False)
+        positions = (prompt_lengths.astype(jnp.int32) + step)[:, None]  # [B, 1]
+        hidden, cache = kv_cache.forward(top, layers, model_cfg, token[:, None], positions, state["cache"],
+                                         p + step, kv_positions, kv_segment_ids)
+        put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None].astype(buf.dtype), step, 1)
+        return {"step": step + 1, "logits": kv_cache.last_logits(top, model_cfg, hidden), "cache": cache,
+                "done": done, "tokens": put(state["tokens"], token),
+                "logprobs": put(state["logprobs"], jnp.where(active, logprob, 0.0)),
+                "mask": put(state["mask"], active)}
+
+    state = jax.lax.while_loop(cond, body, state)
+    return tuple(constrain(state[k], ("batch", None)) for k in ("tokens", "logprobs", "mask"))
+
+
+_generate_jit = jax.jit(generate_arrays, static_argnames=("model_cfg", "config"))
+
+
+def as_batch(prompt_tokens: jax.Array, prompt_lengths: jax.Array, tokens: jax.Array,
+             mask: jax.Array) -> dict[str, jax.Array]:
+    """Prompts + sampled responses as a training batch (for scoring rollouts with `transformer.logits`).
+
+    prompt_tokens: [B, P] left-padded, prompt_lengths: [B]; tokens, mask: [B, N] from `generate_arrays`.
+    Returns {tokens, positions, segment_ids, loss_mask} each [B, P + N] int32: padding (left of the prompt and
+    after a stop) has segment id 0; loss_mask is 1 on the generated tokens, so `logits[:, t - 1]` scores
+    `tokens[:, t]` exactly where `generate` reported a log-probability.
+    """
+    p = prompt_tokens.shape[1]
+    mask = mask.astype(jnp.int32)
+    in_prompt = (jnp.arange(p)[None, :] >= (p - prompt_lengths)[:, None]).astype(jnp.int32)  # [B, P]
+    segment_ids = jnp.concatenate([in_prompt, mask], axis=1)  # [B, P + N]
+    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0) * segment_ids
+    return {"tokens": jnp.concatenate([prompt_tokens, tokens], axis=1).astype(jnp.int32),
+            "positions": positions.astype(jnp.int32), "segment_ids": segment_ids,
+            "loss_mask": jnp.concatenate([jnp.zeros_like(in_prompt), mask], axis=1)}
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], model_cfg: ModelConfig,
+                config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists into ([B, P] int32, lengths [B] int32); P a multiple of config.prompt_bucket.
+
+    Raises DataError for an empty list, an empty prompt, or one that leaves no room for max_new_tokens.
+    """
+    if not len(prompts):
+        raise DataError("no prompts given: pass at least one prompt")
+    room = model_cfg.max_seq_len - config.max_new_tokens
+    for i, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise DataError(f"prompt {i} is empty (0 tokens): give at least one token")
+        if len(prompt) > room:
+            raise DataError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={config.max_new_tokens} "
+                            f"it must be <= {room} (model.max_seq_len={model_cfg.max_seq_len}): shorten it or "
+                            "lower max_new_tokens")
+    lengths = np.array([len(x) for x in prompts], np.int32)
+    width = min(math.ceil(lengths.max() / config.prompt_bucket) * config.prompt_bucket, room)
+    tokens = np.full((len(prompts), width), config.pad_id, np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, width - len(prompt):] = np.asarray(prompt, np.int32)
+    return tokens, lengths
+
+
+def model_config(graphdef: nnx.GraphDef, params: Any) -> ModelConfig:
+    return nnx.merge(graphdef, params, copy=False).cfg
+
+
+def generate(graphdef: nnx.GraphDef, params, prompts, key: jax.Array,
+             config: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sample continuations of a batch of prompts with a KV cache, in one jitted call.
+
+    prompts: a list of token-id lists (any lengths; left-padded here), or a pair (tokens [B, P] left-padded,
+    lengths [B]). key: a PRNG key; the same key gives the same samples. Returns (tokens, logprobs, mask), each
+    [B, max_new_tokens]; see `generate_arrays` and `SamplingConfig.logprobs` for what the log-probs are.
+    """
+    cfg = model_config(graphdef, params)
+    check_config(config, cfg)
+    if isinstance(prompts, tuple) and len(prompts) == 2 and hasattr(prompts[0], "shape"):
+        tokens, lengths = prompts
+        if not isinstance(lengths, jax.core.Tracer):
+            bad = np.flatnonzero((np.asarray(lengths) < 1) | (np.asarray(lengths) > tokens.shape[1]))
+            if bad.size:
+                raise DataError(f"prompt {bad[0]} has length {np.asarray(lengths)[bad[0]]}; lengths must be in "
+                                f"[1, prompt width {tokens.shape[1]}] (empty prompts are not allowed)")
+    else:
+        tokens, lengths = pad_prompts(prompts, cfg, config)
+    return _generate_jit(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), key, config)

@@ -1,0 +1,69 @@
+"""The model side of KV-cache generation: a pre-allocated per-layer cache and a cache-aware forward.
+
+The cache is a tuple with one `(k, v)` pair per layer, each [B, S, K, D] in the compute dtype, sharded like
+activations (`batch, seq, kv_heads, head_dim`). Layers are unrolled in Python rather than scanned so that each
+layer's cache is its own buffer in the decode loop's carry: XLA then updates it in place, where a scan with the
+cache as xs/ys would copy the whole cache on every step. The per-layer math is `transformer.block_decode`,
+which shares qkv/mlp with the training path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig, head_dim
+from jaxllm.models import transformer
+from jaxllm.parallel.rules import constrain
+
+Params = dict[str, Any]
+Cache = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
+    """Zeros: n_layers pairs of k, v [batch, length, n_kv_heads, head_dim] in the compute dtype."""
+    shape = (batch, length, cfg.n_kv_heads, head_dim(cfg))
+    dtype = jnp.dtype(cfg.dtype)
+    return tuple((constrain(jnp.zeros(shape, dtype), transformer.CACHE_AXES),
+                  constrain(jnp.zeros(shape, dtype), transformer.CACHE_AXES)) for _ in range(cfg.n_layers))
+
+
+def prepare_params(params: Params, cfg: ModelConfig) -> tuple[Params, list[Params]]:
+    """(top-level params, one params dict per layer) with matrices cast to the compute dtype once.
+
+    Norm weights and biases keep their dtype so the numerics equal `transformer.logits` exactly (the
+    training path casts matrices to the compute dtype inside each matmul, and only them).
+    """
+    dtype = jnp.dtype(cfg.dtype)
+
+    def cast(w: jax.Array, min_ndim: int) -> jax.Array:
+        return w.astype(dtype) if w.ndim >= min_ndim else w
+
+    top = {name: cast(w, 2) for name, w in params.items() if name != "layers"}
+    layers = [{name: cast(w[i], 2) for name, w in params["layers"].items()} for i in range(cfg.n_layers)]
+    return top, layers
+
+
+def forward(top: Params, layers: list[Params], cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+            cache: Cache, index: jax.Array, kv_positions: jax.Array,
+            kv_segment_ids: jax.Array) -> tuple[jax.Array, Cache]:
+    """Run T new tokens through every layer, writing their keys/values at cache column `index`.
+
+    tokens, positions: [B, T] int32; kv_positions, kv_segment_ids: [B, S]. Returns final-normed hidden states
+    [B, T, D] in the compute dtype and the updated cache. `top`, `layers` come from `prepare_params`.
+    """
+    x = jnp.take(top["embed"], tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, T, D]
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    new_cache = []
+    for layer_params, layer_cache in zip(layers, cache):
+        x, layer_cache = transformer.block_decode(layer_params, x, positions, layer_cache, index, kv_positions,
+                                                  kv_segment_ids, cfg)
+        new_cache.append(layer_cache)
+    return transformer.rms_norm(x, top["final_norm"], cfg.norm_eps), tuple(new_cache)
+
+
+def last_logits(top: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Float32 logits [B, V] of the last column of hidden [B, T, D]."""
+    return transformer.unembed(top, cfg, hidden[:, -1:])[:, 0]

@@ -1,0 +1,217 @@
+"""Benchmark KV-cache generation: new tokens/s of `jaxllm.rl.sampling.generate` against Hugging Face
+`LlamaForCausalLM.generate()` (randomly initialised, same shape, bf16) on the same card in the same run.
+
+  python scripts/bench_generate.py                      # 124m and 1b, batch 64, prompt 128, 128 new tokens
+  python scripts/bench_generate.py --tiny               # CPU smoke run (HF part skipped if torch is missing)
+
+Prints one JSON line per measurement and a table at the end. Protocol (shared BENCHMARKS.md): two warm-up
+calls, then the median of --reps calls, each ended with a device sync; random prompts; ours is checked
+against a full forward pass (no cache) before timing. Both sides sample with the same temperature / top-k /
+top-p, with no stop token, so every row produces exactly --new-tokens tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for the torch peer
+
+import jax  # noqa: E402
+import jaxlib  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxllm import config as config_lib, models  # noqa: E402
+from jaxllm.models import transformer  # noqa: E402
+from jaxllm.rl import sampling  # noqa: E402
+
+# The model shapes of shared BENCHMARKS.md (configs/124m.yaml, configs/1b.yaml).
+SHAPES = {
+    "124m": dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048,
+                 max_seq_len=1024, tie_embeddings=False),
+    "1b": dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, d_ff=5632,
+               max_seq_len=2048, tie_embeddings=False),
+    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128,
+                 tie_embeddings=False),
+}
+
+
+def model_config(name: str) -> config_lib.ModelConfig:
+    return config_lib.ModelConfig(**SHAPES[name], dtype="bfloat16")
+
+
+def init_params(cfg: config_lib.ModelConfig):
+    """Random float32 params created on the device by one jitted init (no host round trip)."""
+    graphdef, _ = models.abstract(cfg)
+    params = jax.jit(lambda: models.split(models.build(cfg, rngs=nnx.Rngs(0)))[1])()
+    return graphdef, params
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of fn() over reps calls after two warm-ups; fn must block until its result is ready."""
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def check_against_full_forward(graphdef, params, cfg, prompts: np.ndarray, config) -> dict:
+    """Greedy-decode 2 rows, then score the same tokens with the full forward pass (no cache)."""
+    greedy = sampling.SamplingConfig(max_new_tokens=8, temperature=0.0)
+    tokens, logprobs, _ = sampling.generate(graphdef, params, [list(r) for r in prompts[:2]], jax.random.key(0),
+                                            greedy)
+    seq = jnp.concatenate([jnp.asarray(prompts[:2]), tokens], axis=1)  # [2, P + 8]
+    positions = jnp.broadcast_to(jnp.arange(seq.shape[1]), seq.shape)
+    logits = jax.jit(transformer.logits, static_argnums=1)(params, cfg, seq, positions, jnp.ones_like(seq))
+    logits = logits[:, prompts.shape[1] - 1:-1]  # [2, 8, V]: the ones that predicted the new tokens
+    full = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[..., None], -1)[..., 0]
+    return {"check_max_logprob_diff": float(jnp.max(jnp.abs(full - logprobs))),
+            "check_greedy_agreement": float(jnp.mean(jnp.argmax(logits, -1) == tokens))}
+
+
+def bench_ours(name: str, args) -> dict:
+    cfg = model_config(name)
+    graphdef, params = init_params(cfg)
+    prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
+    config = sampling.SamplingConfig(max_new_tokens=args.new_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, prompt_bucket=args.prompt_len)
+    record = check_against_full_forward(graphdef, params, cfg, prompts, config)
+    lengths = jnp.full((args.batch,), args.prompt_len, jnp.int32)
+    batch = (jnp.asarray(prompts), lengths)
+
+    def run(cfg_: sampling.SamplingConfig):
+        def call():
+            out = sampling.generate(graphdef, params, batch, jax.random.key(1), cfg_)
+            jax.block_until_ready(out)
+            assert int(out[2].sum()) == args.batch * cfg_.max_new_tokens
+        return call
+
+    seconds = timed(run(config), args.reps)
+    # Diagnostics: the same call greedy (sampling cost), and with 1 new token (prefill + one step).
+    greedy_s = timed(run(dataclasses.replace(config, temperature=0.0)), args.reps)
+    one_s = timed(run(dataclasses.replace(config, max_new_tokens=1)), args.reps)
+    return {**record, "impl": "jaxllm", "median_s": seconds, "greedy_median_s": greedy_s,
+            "prefill_plus_1_s": one_s, "decode_step_ms": 1e3 * (seconds - one_s) / max(args.new_tokens - 1, 1),
+            "card": jax.devices()[0].device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+
+
+def bench_hf(name: str, args) -> dict | None:
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        print(f"# hf {name}: skipped ({e})", flush=True)
+        return None
+    shape = SHAPES[name]
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["d_model"], intermediate_size=shape["d_ff"],
+        num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
+        num_key_value_heads=shape["n_kv_heads"], max_position_embeddings=shape["max_seq_len"],
+        tie_word_embeddings=shape["tie_embeddings"], rms_norm_eps=1e-5,  # rope theta: 10000 on both sides
+        bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_cfg).to(device=device, dtype=torch.bfloat16).eval()
+    prompts = torch.randint(2, shape["vocab_size"], (args.batch, args.prompt_len), device=device)
+    mask = torch.ones_like(prompts)
+
+    def run():
+        with torch.inference_mode():
+            sampling_args = (dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                             if args.temperature > 0 else dict(do_sample=False))
+            out = model.generate(prompts, attention_mask=mask, **sampling_args, max_new_tokens=args.new_tokens,
+                                 pad_token_id=0)  # no eos: every row runs to max_new_tokens
+        if device == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
+
+    seconds = timed(run, args.reps)
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"impl": "hf", "median_s": seconds, "card": card, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def bench_hf_subprocess(name: str, args) -> dict | None:
+    """bench_hf in a child process: torch and jax keep their own CUDA libraries and memory pools apart."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--hf-worker", "--configs", name, "--batch", str(args.batch),
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--temperature",
+           str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--reps", str(args.reps)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    for line in result.stdout.splitlines():
+        if line.startswith("#"):
+            print(line, flush=True)
+    if result.returncode == 0 and not lines:  # skipped; the child said why
+        return None
+    if result.returncode or not lines:
+        print(f"# hf {name}: failed (exit {result.returncode}): {result.stderr.strip()[-1500:]}", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="124m,1b", help="comma-separated: 124m, 1b, tiny")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=50, help="Hugging Face's default for sampling")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peer")
+    parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, batch 4, 16 + 16 tokens")
+    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)  # the child of bench_hf_subprocess
+    args = parser.parse_args()
+    if args.hf_worker:
+        result = bench_hf(args.configs, args)
+        if result:
+            print(json.dumps(result), flush=True)
+        return
+    if args.tiny:
+        args.configs, args.batch, args.prompt_len, args.new_tokens, args.reps = "tiny", 4, 16, 16, 3
+    common = {"bench": "generate", "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+              "date": datetime.date.today().isoformat()}
+    rows = []
+    for name in args.configs.split(","):
+        results = [bench_ours(name, args)] + ([] if args.no_hf else [bench_hf_subprocess(name, args)])
+        for result in filter(None, results):
+            record = {**common, "config": name, **result,
+                      "new_tokens_per_s": args.batch * args.new_tokens / result["median_s"]}
+            rows.append(record)
+            line = json.dumps(record)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+    print("\n| config | impl | card | new tokens/s | median s/call | speed-up vs HF | ours: greedy s/call, "
+          "prefill+1 s, decode ms/step |\n|---|---|---|---|---|---|---|")
+    for row in rows:
+        hf = next((r for r in rows if r["config"] == row["config"] and r["impl"] == "hf"), None)
+        speedup = f"{row['new_tokens_per_s'] / hf['new_tokens_per_s']:.1f}x" if hf else "-"
+        extra = (f"{row['greedy_median_s']:.3f}, {row['prefill_plus_1_s']:.3f}, {row['decode_step_ms']:.2f}"
+                 if "greedy_median_s" in row else "-")
+        print(f"| {row['config']} | {row['impl']} | {row['card']} | {row['new_tokens_per_s']:,.0f} | "
+              f"{row['median_s']:.3f} | {speedup} | {extra} |")
+
+
+if __name__ == "__main__":
+    main()
