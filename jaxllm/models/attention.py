@@ -1,7 +1,9 @@
 """One attention entry point for the whole stack; `impl` picks the backend.
 
 impl: "xla" (pure jnp reference, runs anywhere), "cudnn" (jax.nn.dot_product_attention on a GPU),
-"pallas" (our flash kernel), "auto" (the fastest supported one for this backend and shape).
+"pallas" (our flash kernel: Triton-lowered Pallas on a GPU, interpret mode on the CPU for tests),
+"auto" (on a GPU, our kernel wherever it supports the shape, else cuDNN, saying once in the log why;
+elsewhere "xla").
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 
 import jax
 
-from jaxllm.kernels.flash_attention import reference
+from jaxllm.kernels.flash_attention import pallas_gpu, reference
 
 log = logging.getLogger(__name__)
 IMPLS = ("auto", "xla", "cudnn", "pallas")
@@ -23,13 +25,20 @@ def _say_once(message: str) -> None:
         log.warning(message)
 
 
-def resolve_impl(impl: str, q: jax.Array) -> str:
-    """The backend `auto` stands for on this platform."""
+def resolve_impl(impl: str, q: jax.Array, k: jax.Array | None = None) -> str:
+    """The backend `auto` stands for on this platform and shape (q: [B, T, H, D], k: [B, S, K, D])."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
-    return "xla"
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return "xla"
+    reason = pallas_gpu.unsupported_reason(q, q if k is None else k, backend)
+    if reason is None:
+        return "pallas"
+    _say_once(f"attention: impl=auto falls back from pallas to cudnn: {reason} (q {q.shape} {q.dtype})")
+    return "cudnn"
 
 
 def attention(
@@ -48,7 +57,7 @@ def attention(
 
     Position-based causality (q_positions / kv_positions) is for KV-cache decoding and always uses "xla".
     """
-    impl = resolve_impl(impl, q)
+    impl = resolve_impl(impl, q, k)
     if q_positions is not None or impl == "xla":
         return reference.attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                    causal=causal, q_positions=q_positions, kv_positions=kv_positions)
@@ -58,4 +67,8 @@ def attention(
             mask = reference.mask(q.shape[1], k.shape[1], segment_ids=segment_ids,
                                   kv_segment_ids=kv_segment_ids, causal=False)[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
-    raise ValueError(f"attention impl {impl!r} is not available in this build; use impl='xla' or 'cudnn'")
+    reason = pallas_gpu.unsupported_reason(q, k, jax.default_backend())
+    if reason is not None:
+        raise ValueError(f"attention impl 'pallas' can't run this shape: {reason}; use impl='auto' or 'cudnn'")
+    return pallas_gpu.flash_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                      causal=causal)

@@ -43,7 +43,8 @@ def default_blocks(head_dim: int) -> Blocks:
     if head_dim <= 64:
         return Blocks(q=128, k=64, warps=4, stages=3, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2)
     if head_dim <= 128:
-        return Blocks(q=128, k=64, warps=8, stages=2, bwd_q=64, bwd_k=64, bwd_warps=8, bwd_stages=2)
+        # H200 sweep at S 4096 causal (docs/benchmarks.md): 8 backward warps ran at half the speed of 4
+        return Blocks(q=128, k=64, warps=8, stages=3, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2)
     return Blocks(q=64, k=32, warps=4, stages=2, bwd_q=32, bwd_k=32, bwd_warps=4, bwd_stages=1)
 
 

@@ -1,0 +1,122 @@
+"""Our Pallas flash attention (interpret mode on the CPU) against the pure-jnp reference.
+
+Tolerances fixed in advance: float32 inputs ||x - ref|| / ||ref|| < 1e-5 (forward and every gradient);
+bf16 inputs 2e-2. Small blocks (8-32) so that every case spans several blocks and a ragged tail.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.kernels.flash_attention import pallas_gpu, reference
+from jaxllm.models import attention as attention_mod
+
+F32_TOL = 1e-5
+BF16_TOL = 2e-2
+SMALL = pallas_gpu.Blocks(q=16, k=8, bwd_q=8, bwd_k=16)
+
+
+def _inputs(b, t, s, h, kh, d, dtype=jnp.float32, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), dtype)
+    k = jax.random.normal(ks[1], (b, s, kh, d), dtype)
+    v = jax.random.normal(ks[2], (b, s, kh, d), dtype)
+    return q, k, v, jax.random.normal(ks[3], (b, t, h, d), dtype)
+
+
+def _packed_segments(b, t, seed):
+    """[B, T] int32: several documents per row, then a padding tail (segment 0)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, t - 4), size=3, replace=False))
+        row = np.zeros(t, np.int32)
+        for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, t - 4])):
+            row[lo:hi] = doc + 1
+        rows.append(row)  # the last 4 tokens stay padding
+    return jnp.asarray(np.stack(rows))
+
+
+def _vjp(fn, q, k, v, do):
+    """(out, dq, dk, dv) for the output cotangent do, compiled as one program."""
+    def run(q, k, v, do):
+        out, pullback = jax.vjp(fn, q, k, v)
+        return (out, *pullback(do))
+    return jax.jit(run)(q, k, v, do)
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+CASES = [  # b, t, s, h, kh, d, causal, with_segments
+    (2, 40, 40, 4, 2, 64, True, True),  # GQA 2, packed documents, ragged length
+    (1, 37, 37, 8, 1, 64, True, False),  # GQA 8, ragged, causal only
+    (1, 24, 24, 4, 1, 128, False, True),  # GQA 4, d128, not causal, documents
+    (2, 32, 32, 2, 2, 128, False, False),  # GQA 1, d128, aligned, no mask at all
+    (1, 9, 40, 4, 4, 64, True, False),  # fewer queries than keys: queries aligned to the end (decode-like)
+]
+
+
+@pytest.mark.parametrize("b,t,s,h,kh,d,causal,with_segments", CASES)
+def test_forward_and_gradients_match_reference(b, t, s, h, kh, d, causal, with_segments):
+    q, k, v, do = _inputs(b, t, s, h, kh, d, seed=t + d)
+    seg = _packed_segments(b, t, seed=t) if with_segments else None
+    ours = _vjp(lambda q, k, v: pallas_gpu.flash_attention(q, k, v, segment_ids=seg, causal=causal,
+                                                           blocks=SMALL, interpret=True), q, k, v, do)
+    ref = _vjp(lambda q, k, v: reference.attention(q, k, v, segment_ids=seg, causal=causal), q, k, v, do)
+    for name, x, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert x.shape == r.shape and x.dtype == r.dtype, name
+        assert _rel(x, r) < F32_TOL, f"{name}: relative error {_rel(x, r):.2e}"
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+    b, t, h, d = 2, 24, 2, 64
+    q, k, v, do = _inputs(b, t, t, h, h, d, seed=3)
+    seg = jnp.stack([jnp.zeros(t, jnp.int32), jnp.where(jnp.arange(t) < 10, 1, 0)])  # row 0: all padding
+    out, dq, dk, dv = _vjp(lambda q, k, v: pallas_gpu.flash_attention(
+        q, k, v, segment_ids=seg, causal=True, blocks=SMALL, interpret=True), q, k, v, do)
+    for x in (out, dq, dk, dv):
+        assert np.isfinite(np.asarray(x)).all()
+    np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
+    np.testing.assert_array_equal(np.asarray(out[1, 10:]), 0.0)
+    np.testing.assert_array_equal(np.asarray(dq[0]), 0.0)
+
+
+def test_bf16_forward_within_bf16_tolerance():
+    q, k, v, _ = _inputs(1, 48, 48, 4, 2, 64, dtype=jnp.bfloat16, seed=5)
+    out = jax.jit(lambda q, k, v: pallas_gpu.flash_attention(q, k, v, causal=True, blocks=SMALL,
+                                                             interpret=True))(q, k, v)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    assert out.dtype == jnp.bfloat16
+    assert _rel(out.astype(jnp.float32), reference.attention(*up, causal=True)) < BF16_TOL
+
+
+def test_model_dispatch_pallas_matches_xla():
+    q, k, v, _ = _inputs(1, 20, 20, 4, 2, 64, seed=7)
+    seg = jnp.asarray([[1] * 8 + [2] * 10 + [0] * 2])
+    ours = jax.jit(lambda q, k, v: attention_mod.attention(q, k, v, segment_ids=seg, impl="pallas"))(q, k, v)
+    ref = attention_mod.attention(q, k, v, segment_ids=seg, impl="xla")
+    assert _rel(ours, ref) < F32_TOL
+
+
+def test_auto_is_xla_off_gpu_and_bad_names_fail():
+    q = jnp.zeros((1, 8, 2, 64))
+    assert attention_mod.resolve_impl("auto", q) == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    with pytest.raises(ValueError, match="unknown"):
+        attention_mod.resolve_impl("flash", q)
+
+
+def test_bad_shapes_raise_one_line_errors():
+    q, k, v, _ = _inputs(1, 16, 16, 3, 2, 64)
+    with pytest.raises(ValueError, match="multiple of K"):
+        pallas_gpu.flash_attention(q, k, v, interpret=True)
+    q, k, v, _ = _inputs(1, 8, 16, 2, 2, 64)
+    with pytest.raises(ValueError, match="kv_segment_ids"):
+        pallas_gpu.flash_attention(q, k, v, segment_ids=jnp.ones((1, 8), jnp.int32), interpret=True)
+    reason = pallas_gpu.unsupported_reason(jnp.zeros((1, 8, 2, 96)), jnp.zeros((1, 8, 2, 96)), "gpu")
+    assert reason is not None and "head dim 96" in reason
