@@ -131,19 +131,26 @@ def memory_row(s, d):
     return row
 
 
-def sweep(iters) -> list[dict]:
-    """A few block configs for the target case (d128, causal, fwd+bwd, S 4096)."""
-    rows = []
+def sweep(iters, s=4096) -> list[dict]:
+    """Backward block configs for the target case (d128, causal, fwd+bwd), forward settings as default."""
+    B = pallas_gpu.Blocks
+    fwd = dict(q=128, k=64, warps=8, stages=3)
     configs = [pallas_gpu.default_blocks(128),
-               pallas_gpu.Blocks(q=128, k=64, warps=4, stages=3, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2),
-               pallas_gpu.Blocks(q=128, k=128, warps=8, stages=2, bwd_q=64, bwd_k=128, bwd_warps=8, bwd_stages=2),
-               pallas_gpu.Blocks(q=64, k=64, warps=4, stages=2, bwd_q=32, bwd_k=64, bwd_warps=4, bwd_stages=2),
-               pallas_gpu.Blocks(q=128, k=64, warps=8, stages=3, bwd_q=128, bwd_k=64, bwd_warps=8, bwd_stages=2)]
+               B(**fwd, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=3),
+               B(**fwd, bwd_q=32, bwd_k=128, bwd_warps=4, bwd_stages=3, dq_q=128, dq_k=32, dq_stages=3),
+               B(**fwd, bwd_q=32, bwd_k=128, bwd_warps=8, bwd_stages=2, dq_q=128, dq_k=64, dq_warps=8),
+               B(**fwd, bwd_q=64, bwd_k=128, bwd_warps=8, bwd_stages=2, dq_q=128, dq_k=64, dq_warps=8),
+               B(**fwd, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2, dq_q=128, dq_k=64, dq_warps=8),
+               B(**fwd, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2, dq_q=128, dq_k=32, dq_warps=4, dq_stages=3),
+               B(q=128, k=64, warps=4, stages=3, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2)]
+    rows = []
     for blocks in configs:
-        for mode in ("fwd", "fwd+bwd"):
-            row = bench_one("pallas", impls(blocks)["pallas"], 4096, 128, True, mode, iters)
-            row["blocks"] = str(blocks)
-            rows.append(row)
+        row = bench_one("pallas", impls(blocks)["pallas"], s, 128, True, "fwd+bwd", iters)
+        row["blocks"] = str(blocks)
+        rows.append(row)
+    for name in ("pallas", "cudnn"):
+        rows.append(bench_one(name, impls()[name], s, 128, True, "fwd", iters))
+    rows[-2]["blocks"] = str(pallas_gpu.default_blocks(128))
     return rows
 
 
@@ -180,6 +187,7 @@ def main():
     ap.add_argument("--xla-max-seq", type=int, default=8192, help="XLA materialises [S, S]: skip longer S")
     ap.add_argument("--sweep", action="store_true", help="also time a few block configs (d128 causal S4096)")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     args = ap.parse_args()
     globals()["TOKENS"] = args.tokens  # a script-level setting, read by bench_one
     env = dict(kind="env", card=card_name(), jax=jax.__version__, jaxlib=jax.lib.__version__,
@@ -192,6 +200,8 @@ def main():
             print("CHECK FAILED: not timing a wrong kernel")
     if args.sweep:
         rows += sweep(args.iters)
+        if args.sweep_only:
+            return
     for d in map(int, args.dims.split(",")):
         for causal in [c == "1" for c in args.causal.split(",")]:
             for s in map(int, args.seqs.split(",")):

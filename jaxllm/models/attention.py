@@ -2,8 +2,9 @@
 
 impl: "xla" (pure jnp reference, runs anywhere), "cudnn" (jax.nn.dot_product_attention on a GPU),
 "pallas" (our flash kernel: Triton-lowered Pallas on a GPU, interpret mode on the CPU for tests),
-"auto" (on a GPU, our kernel wherever it supports the shape, else cuDNN, saying once in the log why;
-elsewhere "xla").
+On a TPU "pallas" is jax's splash-attention kernel behind the same contract (kernels/flash_attention/
+pallas_tpu.py). "auto": our kernel wherever it supports the shape (GPU and TPU), else cuDNN on a GPU and
+"xla" on a TPU, saying once in the log why; "xla" on the CPU.
 """
 
 from __future__ import annotations
@@ -25,20 +26,34 @@ def _say_once(message: str) -> None:
         log.warning(message)
 
 
-def resolve_impl(impl: str, q: jax.Array, k: jax.Array | None = None) -> str:
+def unsupported_reason(q: jax.Array, k: jax.Array, kv_segment_ids: jax.Array | None = None) -> str | None:
+    """Why our Pallas kernel can't take this call on this backend (None when it can)."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        from jaxllm.kernels.flash_attention import pallas_tpu  # noqa: PLC0415 (TPU only)
+
+        if kv_segment_ids is not None:
+            return "separate kv_segment_ids (the TPU splash path takes one segment_ids)"
+        return pallas_tpu.unsupported_reason(q, k)
+    return pallas_gpu.unsupported_reason(q, k, backend)
+
+
+def resolve_impl(impl: str, q: jax.Array, k: jax.Array | None = None,
+                 kv_segment_ids: jax.Array | None = None) -> str:
     """The backend `auto` stands for on this platform and shape (q: [B, T, H, D], k: [B, S, K, D])."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    if backend != "gpu":
+    if backend not in ("gpu", "tpu"):
         return "xla"
-    reason = pallas_gpu.unsupported_reason(q, q if k is None else k, backend)
+    reason = unsupported_reason(q, q if k is None else k, kv_segment_ids)
     if reason is None:
         return "pallas"
-    _say_once(f"attention: impl=auto falls back from pallas to cudnn: {reason} (q {q.shape} {q.dtype})")
-    return "cudnn"
+    fallback = "cudnn" if backend == "gpu" else "xla"
+    _say_once(f"attention: impl=auto falls back from pallas to {fallback}: {reason} (q {q.shape} {q.dtype})")
+    return fallback
 
 
 def attention(
@@ -57,7 +72,7 @@ def attention(
 
     Position-based causality (q_positions / kv_positions) is for KV-cache decoding and always uses "xla".
     """
-    impl = resolve_impl(impl, q, k)
+    impl = resolve_impl(impl, q, k, kv_segment_ids)
     if q_positions is not None or impl == "xla":
         return reference.attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                    causal=causal, q_positions=q_positions, kv_positions=kv_positions)
@@ -67,8 +82,12 @@ def attention(
             mask = reference.mask(q.shape[1], k.shape[1], segment_ids=segment_ids,
                                   kv_segment_ids=kv_segment_ids, causal=False)[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
-    reason = pallas_gpu.unsupported_reason(q, k, jax.default_backend())
+    reason = unsupported_reason(q, k, kv_segment_ids)
     if reason is not None:
-        raise ValueError(f"attention impl 'pallas' can't run this shape: {reason}; use impl='auto' or 'cudnn'")
+        raise ValueError(f"attention impl 'pallas' can't run this shape: {reason}; use impl='auto' or 'xla'")
+    if jax.default_backend() == "tpu":
+        from jaxllm.kernels.flash_attention import pallas_tpu  # noqa: PLC0415 (TPU only)
+
+        return pallas_tpu.flash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
     return pallas_gpu.flash_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                       causal=causal)

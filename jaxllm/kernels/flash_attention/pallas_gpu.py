@@ -32,10 +32,21 @@ class Blocks:
     k: int = 64
     warps: int = 4
     stages: int = 2
-    bwd_q: int = 64
+    bwd_q: int = 64  # dK/dV kernel
     bwd_k: int = 64
     bwd_warps: int = 4
     bwd_stages: int = 2
+    dq_q: int | None = None  # dQ kernel (None: the dK/dV kernel's settings)
+    dq_k: int | None = None
+    dq_warps: int | None = None
+    dq_stages: int | None = None
+
+    @property
+    def dq(self) -> tuple[int, int, int, int]:
+        """(block_q, block_k, warps, stages) of the dQ kernel."""
+        pick = lambda x, default: default if x is None else x  # noqa: E731
+        return (pick(self.dq_q, self.bwd_q), pick(self.dq_k, self.bwd_k), pick(self.dq_warps, self.bwd_warps),
+                pick(self.dq_stages, self.bwd_stages))
 
 
 def default_blocks(head_dim: int) -> Blocks:
@@ -278,7 +289,7 @@ def _dq_kernel(*refs, st: _Static):
     """One query block of one head: dQ over the key blocks it sees."""
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, (dq_ref,) = _split_refs(
         refs, st.has_seg, 6)
-    bq, bk, sp = st.blocks.bwd_q, st.blocks.bwd_k, k_ref.shape[0]
+    (bq, bk, _, _), sp = st.blocks.dq, k_ref.shape[0]
     q_start = _q_block(st, pl.num_programs(0)) * bq
     q, do = q_ref[...], do_ref[...]  # [bq, D]
     lse, delta = lse_ref[...], delta_ref[...]  # [bq]
@@ -322,6 +333,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
         **_params(st, st.blocks.bwd_warps, st.blocks.bwd_stages),
     )(q, k, v, do, lse, delta, *segs)
     # dQ: grid over query blocks, like the forward.
+    bq, _, dq_warps, dq_stages = st.blocks.dq
     n_q = tp // bq
     rev = (lambda i: n_q - 1 - i) if st.causal else (lambda i: i)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0))
@@ -335,7 +347,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         name="jaxllm_flash_dq",
-        **_params(st, st.blocks.bwd_warps, st.blocks.bwd_stages),
+        **_params(st, dq_warps, dq_stages),
     )(q, k, v, do, lse, delta, *segs)
     return dq, dk, dv
 
@@ -392,8 +404,8 @@ def flash_attention(
         kv_segment_ids = segment_ids
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     blocks = blocks or default_blocks(d)
-    q_mult = max(blocks.q, blocks.bwd_q)
-    k_mult = max(blocks.k, blocks.bwd_k)
+    q_mult = max(blocks.q, blocks.bwd_q, blocks.dq[0])  # powers of two: the max is a common multiple
+    k_mult = max(blocks.k, blocks.bwd_k, blocks.dq[1])
     tp, sp = _round_up(t, q_mult), _round_up(s, k_mult)
     has_seg = segment_ids is not None
     st = _Static(t=t, s=s, tp=tp, sp=sp, causal=causal, has_seg=has_seg,
