@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.kernels.flash_attention import pallas_gpu, reference
+from jaxllm.parallel import rules
 
 log = logging.getLogger(__name__)
 IMPLS = ("auto", "xla", "cudnn", "pallas")
@@ -85,9 +87,44 @@ def attention(
     reason = unsupported_reason(q, k, kv_segment_ids)
     if reason is not None:
         raise ValueError(f"attention impl 'pallas' can't run this shape: {reason}; use impl='auto' or 'xla'")
+    return _per_shard(_pallas, q, k, v, segment_ids, kv_segment_ids, causal)
+
+
+def _pallas(q, k, v, segment_ids, kv_segment_ids, causal):
     if jax.default_backend() == "tpu":
         from jaxllm.kernels.flash_attention import pallas_tpu  # noqa: PLC0415 (TPU only)
 
         return pallas_tpu.flash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
     return pallas_gpu.flash_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                       causal=causal)
+
+
+def _mesh_spec(mesh, logical_axes: tuple[str, ...]) -> P:
+    """rules.spec limited to the axes this mesh has (size-1 or absent axes replicate)."""
+    names = set(mesh.axis_names)
+    out = []
+    for entry in rules.spec(logical_axes):
+        kept = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a in names)
+        out.append(kept[0] if len(kept) == 1 else (kept or None))
+    return P(*out)
+
+
+def _per_shard(fn, q, k, v, segment_ids, kv_segment_ids, causal):
+    """Run a Pallas kernel on each device's shard (batch and heads split, sequence whole) under a mesh.
+
+    A pallas_call has no partitioning rule, so without this XLA would gather the whole batch to every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return fn(q, k, v, segment_ids, kv_segment_ids, causal)
+    q_spec = _mesh_spec(mesh, ("batch", "seq", "heads", "head_dim"))
+    kv_spec = _mesh_spec(mesh, ("batch", "seq", "kv_heads", "head_dim"))
+    seg_spec = _mesh_spec(mesh, ("batch", "seq"))
+    seg_specs = (None if segment_ids is None else seg_spec, None if kv_segment_ids is None else seg_spec)
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):  # explicit meshes: move the data first
+        q, k, v = jax.reshard(q, q_spec), jax.reshard(k, kv_spec), jax.reshard(v, kv_spec)
+        segment_ids, kv_segment_ids = (None if x is None else jax.reshard(x, seg_spec)
+                                       for x in (segment_ids, kv_segment_ids))
+    local = jax.shard_map(lambda q, k, v, s, ks: fn(q, k, v, s, ks, causal), mesh=mesh,
+                          in_specs=(q_spec, kv_spec, kv_spec, *seg_specs), out_specs=q_spec, check_vma=False)
+    return local(q, k, v, segment_ids, kv_segment_ids)
