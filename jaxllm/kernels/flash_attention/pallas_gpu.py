@@ -49,11 +49,11 @@ class Blocks:
                 pick(self.dq_stages, self.bwd_stages))
 
 
-def default_blocks(head_dim: int) -> Blocks:
-    """Block sizes that fit shared memory and registers for this head dim."""
-    if head_dim <= 64:
+def default_blocks(head_dim: int, itemsize: int = 2) -> Blocks:
+    """Block sizes that fit shared memory and registers for this head dim and input width (bytes)."""
+    if head_dim <= 64 and itemsize <= 2:
         return Blocks(q=128, k=64, warps=4, stages=3, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2)
-    if head_dim <= 128:
+    if head_dim <= 128 and head_dim * itemsize <= 256:
         # H200 sweep at S 4096 causal (docs/benchmarks.md): 8 backward warps ran at half the speed of 4
         return Blocks(q=128, k=64, warps=8, stages=3, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2)
     return Blocks(q=64, k=32, warps=4, stages=2, bwd_q=32, bwd_k=32, bwd_warps=4, bwd_stages=1)
@@ -403,7 +403,7 @@ def flash_attention(
             raise ValueError(f"flash_attention: T={t} != S={s}; pass kv_segment_ids [B, S] too")
         kv_segment_ids = segment_ids
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    blocks = blocks or default_blocks(d)
+    blocks = blocks or default_blocks(d, jnp.dtype(q.dtype).itemsize)
     q_mult = max(blocks.q, blocks.bwd_q, blocks.dq[0])  # powers of two: the max is a common multiple
     k_mult = max(blocks.k, blocks.bwd_k, blocks.dq[1])
     tp, sp = _round_up(t, q_mult), _round_up(s, k_mult)
