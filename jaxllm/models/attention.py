@@ -1,7 +1,10 @@
 """One attention entry point for the whole stack; `impl` picks the backend.
 
 impl: "xla" (pure jnp reference, runs anywhere), "cudnn" (jax.nn.dot_product_attention on a GPU),
-"pallas" (our flash kernel), "auto" (the fastest supported one for this backend and shape).
+"pallas" (our flash kernel: Triton-lowered Pallas on a GPU, interpret mode on the CPU for tests),
+On a TPU "pallas" is jax's splash-attention kernel behind the same contract (kernels/flash_attention/
+pallas_tpu.py). "auto": our kernel wherever it supports the shape (GPU and TPU), else cuDNN on a GPU and
+"xla" on a TPU, saying once in the log why; "xla" on the CPU.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import logging
 
 import jax
+from jax.sharding import PartitionSpec as P
 
-from jaxllm.kernels.flash_attention import reference
+from jaxllm.kernels.flash_attention import pallas_gpu, reference
+from jaxllm.parallel import rules
 
 log = logging.getLogger(__name__)
 IMPLS = ("auto", "xla", "cudnn", "pallas")
@@ -23,13 +28,34 @@ def _say_once(message: str) -> None:
         log.warning(message)
 
 
-def resolve_impl(impl: str, q: jax.Array) -> str:
-    """The backend `auto` stands for on this platform."""
+def unsupported_reason(q: jax.Array, k: jax.Array, kv_segment_ids: jax.Array | None = None) -> str | None:
+    """Why our Pallas kernel can't take this call on this backend (None when it can)."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        from jaxllm.kernels.flash_attention import pallas_tpu  # noqa: PLC0415 (TPU only)
+
+        if kv_segment_ids is not None:
+            return "separate kv_segment_ids (the TPU splash path takes one segment_ids)"
+        return pallas_tpu.unsupported_reason(q, k)
+    return pallas_gpu.unsupported_reason(q, k, backend)
+
+
+def resolve_impl(impl: str, q: jax.Array, k: jax.Array | None = None,
+                 kv_segment_ids: jax.Array | None = None) -> str:
+    """The backend `auto` stands for on this platform and shape (q: [B, T, H, D], k: [B, S, K, D])."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
-    return "xla"
+    backend = jax.default_backend()
+    if backend not in ("gpu", "tpu"):
+        return "xla"
+    reason = unsupported_reason(q, q if k is None else k, kv_segment_ids)
+    if reason is None:
+        return "pallas"
+    fallback = "cudnn" if backend == "gpu" else "xla"
+    _say_once(f"attention: impl=auto falls back from pallas to {fallback}: {reason} (q {q.shape} {q.dtype})")
+    return fallback
 
 
 def attention(
@@ -48,7 +74,7 @@ def attention(
 
     Position-based causality (q_positions / kv_positions) is for KV-cache decoding and always uses "xla".
     """
-    impl = resolve_impl(impl, q)
+    impl = resolve_impl(impl, q, k, kv_segment_ids)
     if q_positions is not None or impl == "xla":
         return reference.attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                    causal=causal, q_positions=q_positions, kv_positions=kv_positions)
@@ -58,4 +84,47 @@ def attention(
             mask = reference.mask(q.shape[1], k.shape[1], segment_ids=segment_ids,
                                   kv_segment_ids=kv_segment_ids, causal=False)[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
-    raise ValueError(f"attention impl {impl!r} is not available in this build; use impl='xla' or 'cudnn'")
+    reason = unsupported_reason(q, k, kv_segment_ids)
+    if reason is not None:
+        raise ValueError(f"attention impl 'pallas' can't run this shape: {reason}; use impl='auto' or 'xla'")
+    return _per_shard(_pallas, q, k, v, segment_ids, kv_segment_ids, causal)
+
+
+def _pallas(q, k, v, segment_ids, kv_segment_ids, causal):
+    if jax.default_backend() == "tpu":
+        from jaxllm.kernels.flash_attention import pallas_tpu  # noqa: PLC0415 (TPU only)
+
+        return pallas_tpu.flash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
+    return pallas_gpu.flash_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                      causal=causal)
+
+
+def _mesh_spec(mesh, logical_axes: tuple[str, ...]) -> P:
+    """rules.spec limited to the axes this mesh has (size-1 or absent axes replicate)."""
+    names = set(mesh.axis_names)
+    out = []
+    for entry in rules.spec(logical_axes):
+        kept = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a in names)
+        out.append(kept[0] if len(kept) == 1 else (kept or None))
+    return P(*out)
+
+
+def _per_shard(fn, q, k, v, segment_ids, kv_segment_ids, causal):
+    """Run a Pallas kernel on each device's shard (batch and heads split, sequence whole) under a mesh.
+
+    A pallas_call has no partitioning rule, so without this XLA would gather the whole batch to every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return fn(q, k, v, segment_ids, kv_segment_ids, causal)
+    q_spec = _mesh_spec(mesh, ("batch", "seq", "heads", "head_dim"))
+    kv_spec = _mesh_spec(mesh, ("batch", "seq", "kv_heads", "head_dim"))
+    seg_spec = _mesh_spec(mesh, ("batch", "seq"))
+    seg_specs = (None if segment_ids is None else seg_spec, None if kv_segment_ids is None else seg_spec)
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):  # explicit meshes: move the data first
+        q, k, v = jax.reshard(q, q_spec), jax.reshard(k, kv_spec), jax.reshard(v, kv_spec)
+        segment_ids, kv_segment_ids = (None if x is None else jax.reshard(x, seg_spec)
+                                       for x in (segment_ids, kv_segment_ids))
+    local = jax.shard_map(lambda q, k, v, s, ks: fn(q, k, v, s, ks, causal), mesh=mesh,
+                          in_specs=(q_spec, kv_spec, kv_spec, *seg_specs), out_specs=q_spec, check_vma=False)
+    return local(q, k, v, segment_ids, kv_segment_ids)

@@ -1,0 +1,421 @@
+"""Portable Pallas flash attention: forward, dK/dV and dQ kernels under one jax.custom_vjp.
+
+Runs through Pallas' Triton lowering on a GPU and with `interpret=True` anywhere (the CPU tests).
+Layout stays [B, T, H, D] (no transposes). Causal masking skips whole blocks above the diagonal and
+masks only the blocks that cross it; segment ids (0 = padding) mask packed documents; GQA reads the
+shared KV head through the index map (q head h -> kv head h // G), K/V are never repeated. Lengths that
+are not a multiple of the block are padded up and the padded keys masked. Softmax runs in float32 in the
+base-2 domain; the log-sum-exp saved for the backward is +inf for fully masked rows, whose output is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+LOG2E = math.log2(math.e)
+HEAD_DIMS = (64, 128, 256)  # what the GPU path supports; interpret mode takes any head dim
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes (powers of two) and Triton launch settings for the three kernels."""
+
+    q: int = 128
+    k: int = 64
+    warps: int = 4
+    stages: int = 2
+    bwd_q: int = 64  # dK/dV kernel
+    bwd_k: int = 64
+    bwd_warps: int = 4
+    bwd_stages: int = 2
+    dq_q: int | None = None  # dQ kernel (None: the dK/dV kernel's settings)
+    dq_k: int | None = None
+    dq_warps: int | None = None
+    dq_stages: int | None = None
+
+    @property
+    def dq(self) -> tuple[int, int, int, int]:
+        """(block_q, block_k, warps, stages) of the dQ kernel."""
+        pick = lambda x, default: default if x is None else x  # noqa: E731
+        return (pick(self.dq_q, self.bwd_q), pick(self.dq_k, self.bwd_k), pick(self.dq_warps, self.bwd_warps),
+                pick(self.dq_stages, self.bwd_stages))
+
+
+def default_blocks(head_dim: int, itemsize: int = 2) -> Blocks:
+    """Block sizes that fit shared memory and registers for this head dim and input width (bytes)."""
+    if head_dim <= 64 and itemsize <= 2:
+        return Blocks(q=128, k=64, warps=4, stages=3, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2)
+    if head_dim <= 128 and head_dim * itemsize <= 256:
+        # H200 sweep at S 4096 causal (docs/benchmarks.md): 8 backward warps ran at half the speed of 4
+        return Blocks(q=128, k=64, warps=8, stages=3, bwd_q=64, bwd_k=64, bwd_warps=4, bwd_stages=2)
+    return Blocks(q=64, k=32, warps=4, stages=2, bwd_q=32, bwd_k=32, bwd_warps=4, bwd_stages=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels need to know at trace time (hashable: a custom_vjp static arg)."""
+
+    t: int  # real query length
+    s: int  # real key length
+    tp: int  # padded query length (a multiple of every query block)
+    sp: int  # padded key length (a multiple of every key block)
+    causal: bool
+    has_seg: bool
+    scale: float
+    group: int  # query heads per KV head
+    blocks: Blocks
+    interpret: bool
+
+    @property
+    def offset(self) -> int:  # query t sees keys <= t + offset (queries aligned to the end of the keys)
+        return self.s - self.t
+
+    @property
+    def ragged(self) -> bool:  # padded keys exist and no segment ids mask them
+        return self.sp != self.s and not self.has_seg
+
+
+def unsupported_reason(q: jax.Array, k: jax.Array, backend: str) -> str | None:
+    """Why the kernel can't run this shape on `backend` (None when it can)."""
+    d = q.shape[-1]
+    if q.dtype not in DTYPES or k.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype} (supported: bf16, fp16, fp32, same for q and k)"
+    if q.shape[2] % k.shape[2]:
+        return f"{q.shape[2]} query heads is not a multiple of {k.shape[2]} KV heads"
+    if backend == "gpu" and d not in HEAD_DIMS:
+        return f"head dim {d} (supported: {', '.join(map(str, HEAD_DIMS))})"
+    return None
+
+
+def _mask(st: _Static, q_start, k_start, bq: int, bk: int, qs, ks):
+    """Boolean [bq, bk]: True where query row may attend to key column. qs: [bq], ks: [bk] segment ids."""
+    q_idx = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    k_idx = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    allowed = jnp.ones((bq, bk), jnp.bool_)
+    if st.causal:
+        allowed = k_idx <= q_idx + st.offset
+    if st.ragged:
+        allowed = allowed & (k_idx < st.s)
+    if st.has_seg:
+        allowed = allowed & (qs[:, None] == ks[None, :]) & (qs[:, None] != 0)
+    return allowed
+
+
+def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """2-D matmul with float32 accumulation; the transposes fold into the contraction."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _cdiv(x, y: int):
+    """Ceil-divide a non-negative traced int by a static int."""
+    return lax.div(x + (y - 1), y)
+
+
+def _kv_range(st: _Static, sp: int, q_start, bq: int, bk: int):
+    """(n_unmasked, n_total) key blocks for a query block: blocks [0, n_unmasked) need no mask."""
+    nk = sp // bk
+    if st.causal:
+        hi = jnp.clip(_cdiv(jnp.maximum(q_start + bq + st.offset, 0), bk), 0, nk)
+        full = lax.div(jnp.maximum(q_start + st.offset + 1, 0), bk)
+    else:
+        hi = jnp.int32(nk)
+        full = jnp.int32(nk)
+    if st.ragged:
+        full = jnp.minimum(full, st.s // bk)
+    if st.has_seg:
+        full = jnp.int32(0)
+    return jnp.minimum(full, hi), hi
+
+
+def _q_block(st: _Static, n_q: int):
+    """This program's query block; causal runs the heavy (late) blocks first."""
+    i = pl.program_id(0)
+    return n_q - 1 - i if st.causal else i
+
+
+def _split_refs(refs, has_seg: bool, n_in: int):
+    """(inputs, q_seg_ref, kv_seg_ref, outputs) from a kernel's positional refs."""
+    ins, rest = refs[:n_in], refs[n_in:]
+    if has_seg:
+        return ins, rest[0], rest[1], rest[2:]
+    return ins, None, None, rest
+
+
+def _fwd_kernel(*refs, st: _Static):
+    """One query block of one head: online softmax over its key blocks; writes O and the base-2 LSE."""
+    (q_ref, k_ref, v_ref), qs_ref, ks_ref, (o_ref, lse_ref) = _split_refs(refs, st.has_seg, 3)
+    bq, bk, sp = st.blocks.q, st.blocks.k, k_ref.shape[0]
+    q_start = _q_block(st, pl.num_programs(0)) * bq
+    q = q_ref[...]  # [bq, D]
+    qs = qs_ref[...] if st.has_seg else None
+
+    def body(j, carry, masked):
+        acc, m, l = carry
+        k_start = j * bk
+        k = k_ref[pl.ds(k_start, bk), :]  # [bk, D]
+        s = _dot(q, k, trans_b=True) * (st.scale * LOG2E)  # [bq, bk] float32, base-2 logits
+        if masked:
+            ks = ks_ref[pl.ds(k_start, bk)] if st.has_seg else None
+            s = jnp.where(_mask(st, q_start, k_start, bq, bk, qs, ks), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked so far: keep exp2 finite
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - m_use[:, None])  # [bq, bk]
+        v = v_ref[pl.ds(k_start, bk), :]
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+    d = q.shape[-1]
+    carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    n_full, hi = _kv_range(st, sp, q_start, bq, bk)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    acc, m, l = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
+    empty = l == 0.0
+    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
+
+
+def _seg_specs(st: _Static, q_block_map, kv_block_map, bq: int, bk: int | None, tp: int, sp: int):
+    """BlockSpecs for [B, Tp] query and [B, Sp] key segment ids (bk None = the whole row)."""
+    if not st.has_seg:
+        return []
+    q_spec = pl.BlockSpec((None, bq), q_block_map) if bq else pl.BlockSpec((None, tp), q_block_map)
+    kv_spec = pl.BlockSpec((None, bk), kv_block_map) if bk else pl.BlockSpec((None, sp), kv_block_map)
+    return [q_spec, kv_spec]
+
+
+def _params(st: _Static, warps: int, stages: int):
+    if st.interpret:
+        return {"interpret": True}
+    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (GPU only)
+
+    return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
+
+
+def _forward(q, k, v, q_seg, kv_seg, st: _Static):
+    """Padded q: [B, Tp, H, D]; k, v: [B, Sp, K, D] -> (o [B, Tp, H, D], lse [B, H, Tp] float32)."""
+    b, tp, h, d = q.shape
+    sp = k.shape[1]
+    bq, g = st.blocks.q, st.group
+    n_q = tp // bq
+    rev = (lambda i: n_q - 1 - i) if st.causal else (lambda i: i)
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+    ] + _seg_specs(st, lambda i, bi, hi: (bi, rev(i)), lambda i, bi, hi: (bi, 0), bq, None, tp, sp)
+    out_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i))),
+    ]
+    segs = [q_seg, kv_seg] if st.has_seg else []
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st),
+        grid=(n_q, b, h),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
+        name="jaxllm_flash_fwd",
+        **_params(st, st.blocks.warps, st.blocks.stages),
+    )(q, k, v, *segs)
+
+
+def _probs(st: _Static, q, k, lse, q_start, k_start, bq: int, bk: int, qs, ks, masked: bool):
+    """Recomputed softmax probabilities [bq, bk] float32 from the saved base-2 LSE [bq]."""
+    s = _dot(q, k, trans_b=True) * (st.scale * LOG2E)
+    if masked:
+        s = jnp.where(_mask(st, q_start, k_start, bq, bk, qs, ks), s, -jnp.inf)
+    return jnp.exp2(s - lse[:, None])
+
+
+def _dkdv_kernel(*refs, st: _Static):
+    """One key block of one KV head: sums dK, dV over its query heads and the query blocks that see it."""
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, (dk_ref, dv_ref) = _split_refs(
+        refs, st.has_seg, 6)
+    bq, bk, tp = st.blocks.bwd_q, st.blocks.bwd_k, st.tp
+    n_q = tp // bq
+    k_start = pl.program_id(0) * bk
+    k, v = k_ref[...], v_ref[...]  # [bk, D]
+    ks = ks_ref[...] if st.has_seg else None
+
+    def body(i, carry, g, masked):
+        dk, dv = carry
+        q_start = i * bq
+        q = q_ref[pl.ds(q_start, bq), g, :]  # [bq, D]
+        do = do_ref[pl.ds(q_start, bq), g, :]
+        qs = qs_ref[pl.ds(q_start, bq)] if st.has_seg else None
+        p = _probs(st, q, k, lse_ref[g, pl.ds(q_start, bq)], q_start, k_start, bq, bk, qs, ks, masked)
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)  # [bk, D]
+        dp = _dot(do, v, trans_b=True)  # [bq, bk]
+        ds = p * (dp - delta_ref[g, pl.ds(q_start, bq)][:, None])
+        return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+    lo, lo_full = _q_range(st, k_start, bq, bk, n_q)
+    d = k.shape[-1]
+    carry = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
+    for g in range(st.group):  # static: the query heads that share this KV head
+        carry = lax.fori_loop(lo, lo_full, functools.partial(body, g=g, masked=True), carry)
+        carry = lax.fori_loop(lo_full, n_q, functools.partial(body, g=g, masked=False), carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _q_range(st: _Static, k_start, bq: int, bk: int, n_q: int):
+    """(lo, lo_full) query blocks for a key block: [lo, lo_full) need the mask, [lo_full, n_q) don't."""
+    if st.causal:
+        lo = lax.div(jnp.maximum(k_start - st.offset, 0), bq)
+        lo_full = jnp.clip(_cdiv(jnp.maximum(k_start + bk - 1 - st.offset, 0), bq), lo, n_q)
+    else:
+        lo, lo_full = jnp.int32(0), jnp.int32(0)
+    if st.ragged:
+        lo_full = jnp.where(k_start + bk > st.s, n_q, lo_full)
+    if st.has_seg:
+        lo_full = jnp.int32(n_q)
+    return lo, lo_full
+
+
+def _dq_kernel(*refs, st: _Static):
+    """One query block of one head: dQ over the key blocks it sees."""
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, (dq_ref,) = _split_refs(
+        refs, st.has_seg, 6)
+    (bq, bk, _, _), sp = st.blocks.dq, k_ref.shape[0]
+    q_start = _q_block(st, pl.num_programs(0)) * bq
+    q, do = q_ref[...], do_ref[...]  # [bq, D]
+    lse, delta = lse_ref[...], delta_ref[...]  # [bq]
+    qs = qs_ref[...] if st.has_seg else None
+
+    def body(j, dq, masked):
+        k_start = j * bk
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        ks = ks_ref[pl.ds(k_start, bk)] if st.has_seg else None
+        p = _probs(st, q, k, lse, q_start, k_start, bq, bk, qs, ks, masked)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])  # [bq, bk]
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    n_full, hi = _kv_range(st, sp, q_start, bq, bk)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
+    """Padded inputs -> (dq [B, Tp, H, D], dk, dv [B, Sp, K, D]); two kernels, no atomics."""
+    b, tp, h, d = q.shape
+    sp, kh = k.shape[1], k.shape[2]
+    bq, bk, g = st.blocks.bwd_q, st.blocks.bwd_k, st.group
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # [B, H, Tp]
+    segs = [q_seg, kv_seg] if st.has_seg else []
+    # dK, dV: grid over key blocks; each program reads all G query heads of its KV head.
+    group_spec = pl.BlockSpec((None, tp, g, d), lambda j, bi, ki: (bi, 0, ki, 0))
+    key_spec = pl.BlockSpec((None, bk, None, d), lambda j, bi, ki: (bi, j, ki, 0))
+    row_spec = pl.BlockSpec((None, g, tp), lambda j, bi, ki: (bi, ki, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, st=st),
+        grid=(sp // bk, b, kh),
+        in_specs=[group_spec, key_spec, key_spec, group_spec, row_spec, row_spec]
+        + _seg_specs(st, lambda j, bi, ki: (bi, 0), lambda j, bi, ki: (bi, j), None, bk, tp, sp),
+        out_specs=[key_spec, key_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        name="jaxllm_flash_dkdv",
+        **_params(st, st.blocks.bwd_warps, st.blocks.bwd_stages),
+    )(q, k, v, do, lse, delta, *segs)
+    # dQ: grid over query blocks, like the forward.
+    bq, _, dq_warps, dq_stages = st.blocks.dq
+    n_q = tp // bq
+    rev = (lambda i: n_q - 1 - i) if st.causal else (lambda i: i)
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0))
+    kv_spec = pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+    vec_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i)))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st),
+        grid=(n_q, b, h),
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, vec_spec, vec_spec]
+        + _seg_specs(st, lambda i, bi, hi: (bi, rev(i)), lambda i, bi, hi: (bi, 0), bq, None, tp, sp),
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        name="jaxllm_flash_dq",
+        **_params(st, dq_warps, dq_stages),
+    )(q, k, v, do, lse, delta, *segs)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, kv_seg, st: _Static):
+    return _forward(q, k, v, q_seg, kv_seg, st)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, st: _Static):
+    o, lse = _forward(q, k, v, q_seg, kv_seg, st)
+    return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+
+def _flash_bwd(st: _Static, res, do):
+    q, k, v, q_seg, kv_seg, o, lse = res
+    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, o, lse, do, st)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    blocks: Blocks | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Flash attention with the reference's contract.
+
+    q: [B, T, H, D]; k, v: [B, S, K, D] (H a multiple of K); segment_ids: [B, T] int (0 = padding),
+    kv_segment_ids: [B, S] (defaults to segment_ids). Returns [B, T, H, D] in q's dtype. `interpret`
+    defaults to True off GPU (the CPU tests); blocks default to `default_blocks(D)`.
+    """
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if h % kh or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"flash_attention: bad shapes q {q.shape}, k {k.shape}, v {v.shape} "
+                         "(want q [B,T,H,D], k = v [B,S,K,D] with H a multiple of K)")
+    if kv_segment_ids is None and segment_ids is not None:
+        if s != t:
+            raise ValueError(f"flash_attention: T={t} != S={s}; pass kv_segment_ids [B, S] too")
+        kv_segment_ids = segment_ids
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    blocks = blocks or default_blocks(d, jnp.dtype(q.dtype).itemsize)
+    q_mult = max(blocks.q, blocks.bwd_q, blocks.dq[0])  # powers of two: the max is a common multiple
+    k_mult = max(blocks.k, blocks.bwd_k, blocks.dq[1])
+    tp, sp = _round_up(t, q_mult), _round_up(s, k_mult)
+    has_seg = segment_ids is not None
+    st = _Static(t=t, s=s, tp=tp, sp=sp, causal=causal, has_seg=has_seg,
+                 scale=float(d**-0.5 if scale is None else scale), group=h // kh, blocks=blocks,
+                 interpret=bool(interpret))
+    pad_t = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    pad_s = ((0, 0), (0, sp - s), (0, 0), (0, 0))
+    q, k, v = jnp.pad(q, pad_t), jnp.pad(k, pad_s), jnp.pad(v, pad_s)  # no-ops when aligned
+    q_seg = kv_seg = None
+    if has_seg:
+        q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)))  # padding -> segment 0
+        kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)))
+    return _flash(q, k, v, q_seg, kv_seg, st)[:, :t]
