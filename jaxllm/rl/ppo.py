@@ -359,7 +359,7 @@ def make_ppo_update(cfg: PPOConfig, *, policy_model: ModelConfig, value_model: M
         (_, metrics), (pg, vg) = grad_fn(pp, vp, batch)
         p_updates, po = policy_optimizer.update(pg, po, pp)
         v_updates, vo = value_optimizer.update(vg, vo, vp)
-        metrics = dict(metrics, policy_grad_norm=optax.global_norm(pg), value_grad_norm=optax.global_norm(vg))
+        metrics = dict(metrics, policy_grad_norm=optax.tree.norm(pg), value_grad_norm=optax.tree.norm(vg))
         return (optax.apply_updates(pp, p_updates), optax.apply_updates(vp, v_updates), po, vo), metrics
 
     def ppo_update(state: PPOState, rollout: dict, key: jax.Array):
