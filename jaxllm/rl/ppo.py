@@ -325,6 +325,9 @@ class PPOState:
 
 def create_state(policy_params, value_params, policy_optimizer: optax.GradientTransformation,
                  value_optimizer: optax.GradientTransformation, cfg: PPOConfig, seed: int) -> PPOState:
+    """A fresh PPO state. The params are copied: the update donates the state, and the caller's arrays
+    (often also the frozen reference, or a critic sharing the policy's backbone) must stay alive."""
+    policy_params, value_params = jax.tree.map(jnp.copy, (policy_params, value_params))
     return PPOState(step=jnp.zeros((), jnp.int32), policy_params=policy_params, value_params=value_params,
                     policy_opt_state=policy_optimizer.init(policy_params),
                     value_opt_state=value_optimizer.init(value_params), kl=kl_init(cfg),
