@@ -143,3 +143,29 @@ def test_minibatch_size_must_divide_the_rollout(setup):
                                  value_optimizer=opt, donate=False)
     with pytest.raises(ConfigError, match="ppo.minibatch_size=3"):
         update(state, rollout, jax.random.PRNGKey(0))
+
+
+def test_value_head_on_the_policy_shares_its_backbone(setup):
+    """A {"head"}-only critic reads the policy's hidden states, so vf_coef changes the policy's gradient;
+    a separate critic leaves the policy's gradient alone."""
+    rollout, _, state, _ = setup
+    shared = heads.on_policy(CFG, 2, std=0.5)
+    hidden = transformer.hidden_states(state.policy_params, CFG, rollout["tokens"], rollout["positions"],
+                                       rollout["segment_ids"])
+    want = np.pad(np.asarray(heads.apply_head(shared["head"], hidden))[:, :-1], ((0, 0), (1, 0)))
+
+    @jax.jit
+    def policy_grads(pp, vp, batch):
+        def grad(vf_coef):
+            cfg = dataclasses.replace(UPDATE_CFG, vf_coef=vf_coef)
+            fn = lambda p: ppo.ppo_minibatch_loss(p, vp, batch, cfg, policy_model=CFG, value_model=CFG)[0]
+            return jax.grad(fn)(pp)
+        values = ppo.policy_and_values(pp, vp, batch, policy_model=CFG, value_model=CFG)[2]
+        return grad(0.0), grad(1.0), values
+
+    g0, g1, values = policy_grads(state.policy_params, shared, rollout)
+    np.testing.assert_allclose(np.asarray(values), want, rtol=1e-5, atol=1e-5)
+    assert float(optax.tree.norm(jax.tree.map(jnp.subtract, g0, g1))) > 1e-3
+    g0, g1, _ = policy_grads(state.policy_params, state.value_params, rollout)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

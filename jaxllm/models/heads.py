@@ -35,8 +35,14 @@ def from_backbone(backbone: Params, cfg: ModelConfig, seed: int, *, std: float =
     return {"backbone": backbone, "head": init_head(cfg.d_model, seed, std=std)}
 
 
-def logical_axes(cfg: ModelConfig) -> dict:
-    return {"backbone": models.logical_axes(cfg), "head": {"w": ("embed",), "b": ()}}
+def on_policy(cfg: ModelConfig, seed: int, *, std: float = 0.0) -> Params:
+    """A head alone, {"head": ...}: a value head on the policy's own hidden states (no second backbone)."""
+    return {"head": init_head(cfg.d_model, seed, std=std)}
+
+
+def logical_axes(cfg: ModelConfig, *, with_backbone: bool = True) -> dict:
+    head = {"w": ("embed",), "b": ()}
+    return {"backbone": models.logical_axes(cfg), "head": head} if with_backbone else {"head": head}
 
 
 def apply_head(head: Params, hidden: jax.Array) -> jax.Array:

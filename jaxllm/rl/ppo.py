@@ -242,6 +242,13 @@ def kl_update(state: KLState, observed_kl, n_steps, cfg: PPOConfig) -> KLState:
 # Model-bound pieces: policy log-probs, critic values, the rollout's advantages, the minibatch loss.
 
 
+def _next_token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float):
+    """logits [B, T, V] (position t predicts t+1) -> (logprobs [B, T] aligned with tokens, logits [B, T-1, V])."""
+    logits = logits[:, :-1] / temperature  # [B, T-1, V]
+    logp, _ = losses.token_logprobs(logits, tokens[:, 1:])  # [B, T-1]
+    return jnp.pad(logp, ((0, 0), (1, 0))), logits
+
+
 def policy_logprobs(params, model_cfg: ModelConfig, batch: dict, temperature: float = 1.0):
     """(logprobs [B, T], logits [B, T-1, V]) of each token under the policy at `temperature`.
 
@@ -249,18 +256,39 @@ def policy_logprobs(params, model_cfg: ModelConfig, batch: dict, temperature: fl
     returned are the temperature-scaled ones at positions 0..T-2 (each predicting the next token).
     """
     logits = transformer.logits(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
-    logits = logits[:, :-1] / temperature  # [B, T-1, V]
-    logp, _ = losses.token_logprobs(logits, batch["tokens"][:, 1:])  # [B, T-1]
-    return jnp.pad(logp, ((0, 0), (1, 0))), logits
+    return _next_token_logprobs(logits, batch["tokens"], temperature)
+
+
+def _shift_values(per_position: jax.Array) -> jax.Array:
+    """Head outputs [B, T] (position t has seen tokens 0..t) -> values [B, T] of the state before token t."""
+    return jnp.pad(per_position[:, :-1], ((0, 0), (1, 0)))
 
 
 def critic_values(value_params, model_cfg: ModelConfig, batch: dict) -> jax.Array:
     """values[:, t] = V(tokens[:, :t]): the head at position t-1, which has seen exactly the tokens before t.
 
-    Returns float32 [B, T]; column 0 is 0.
+    value_params: a separate critic {"backbone", "head"}. Returns float32 [B, T]; column 0 is 0.
     """
     out = heads.scalars(value_params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
-    return jnp.pad(out[:, :-1], ((0, 0), (1, 0)))  # [B, T]
+    return _shift_values(out)
+
+
+def shares_policy_backbone(value_params) -> bool:
+    """A critic without its own backbone ({"head": ...}) is a value head on the policy's hidden states."""
+    return "backbone" not in value_params
+
+
+def policy_and_values(policy_params, value_params, batch: dict, *, policy_model: ModelConfig,
+                      value_model: ModelConfig, temperature: float = 1.0):
+    """(logprobs [B, T], logits [B, T-1, V], values [B, T]); one forward when the critic shares the policy."""
+    if not shares_policy_backbone(value_params):
+        logprobs, logits = policy_logprobs(policy_params, policy_model, batch, temperature)
+        return logprobs, logits, critic_values(value_params, value_model, batch)
+    hidden = transformer.hidden_states(policy_params, policy_model, batch["tokens"], batch["positions"],
+                                       batch["segment_ids"])  # [B, T, D]
+    logprobs, logits = _next_token_logprobs(transformer.unembed(policy_params, policy_model, hidden),
+                                            batch["tokens"], temperature)
+    return logprobs, logits, _shift_values(heads.apply_head(value_params["head"], hidden))
 
 
 def compute_advantages(rollout: dict, scores: jax.Array, kl_coef, cfg: PPOConfig, *,
@@ -295,12 +323,16 @@ def compute_advantages(rollout: dict, scores: jax.Array, kl_coef, cfg: PPOConfig
 
 def ppo_minibatch_loss(policy_params, value_params, batch: dict, cfg: PPOConfig, *, policy_model: ModelConfig,
                        value_model: ModelConfig) -> tuple[jax.Array, dict]:
-    """pg_loss - entropy_coef * entropy + vf_coef * vf_loss on one minibatch (keys as compute_advantages')."""
+    """pg_loss - entropy_coef * entropy + vf_coef * vf_loss on one minibatch (keys as compute_advantages').
+
+    With a critic that shares the policy's backbone, the value loss also trains that backbone (vf_coef
+    weighs it); the critic's own optimizer then steps only the head.
+    """
     mask = batch["response_mask"].astype(jnp.float32)
-    logprobs, logits = policy_logprobs(policy_params, policy_model, batch, cfg.temperature)
+    logprobs, logits, values = policy_and_values(policy_params, value_params, batch, policy_model=policy_model,
+                                                 value_model=value_model, temperature=cfg.temperature)
     pg, pg_metrics = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, cfg.clip_eps)
     ent = entropy(logits, mask[:, 1:])
-    values = critic_values(value_params, value_model, batch)
     vf, vf_metrics = value_loss(values, batch["values"], batch["returns"], mask, cfg.value_clip_eps)
     loss = pg - cfg.entropy_coef * ent + cfg.vf_coef * vf
     metrics = {"loss": loss, "pg_loss": pg, "vf_loss": vf, "entropy": ent, **pg_metrics, **vf_metrics,

@@ -64,9 +64,10 @@ def make_rollout_forward(cfg: PPOConfig, *, policy_model: ModelConfig, value_mod
     """
 
     def forward(policy_params, ref_params, value_params, batch):
-        logprobs, _ = ppo.policy_logprobs(policy_params, policy_model, batch, cfg.temperature)
+        logprobs, _, values = ppo.policy_and_values(policy_params, value_params, batch, policy_model=policy_model,
+                                                    value_model=value_model, temperature=cfg.temperature)
         ref_logprobs, _ = ppo.policy_logprobs(ref_params, policy_model, batch, cfg.temperature)
-        return logprobs, ref_logprobs, ppo.critic_values(value_params, value_model, batch)
+        return logprobs, ref_logprobs, values
 
     return jax.jit(forward)
 
