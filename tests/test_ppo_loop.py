@@ -56,9 +56,9 @@ def make_generate(max_new: int, temperature: float = 1.0):
     return generate
 
 
-def low_token_share(tokens, response_mask) -> jax.Array:
+def low_token_share(batch) -> jax.Array:
     """The verifiable reward: share of response tokens (EOS excluded) with id < vocab/2."""
-    tokens, mask = np.asarray(tokens), np.asarray(response_mask) > 0
+    tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["response_mask"]) > 0
     good = (tokens < CFG.vocab_size // 2) & (tokens != EOS) & mask
     return jnp.asarray(good.sum(1) / np.maximum(mask.sum(1), 1), jnp.float32)
 

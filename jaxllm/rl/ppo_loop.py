@@ -3,7 +3,8 @@
 Written against two callables so the sampler and the reward source plug in without this file knowing them:
   generate(policy_params, prompt_tokens [B, P], prompt_mask [B, P], key)
       -> (tokens [B, T], sample_logprobs [B, T], response_mask [B, T])   (prompt + response, one row each)
-  score(tokens [B, T], response_mask [B, T]) -> scores [B]                (a reward model or a Python fn)
+  score(batch) -> scores [B]   batch: tokens, positions, segment_ids, response_mask [B, T]
+                               (a reward model, or a Python function via rl/rewards.py)
 Everything on the accelerator is jitted; the iteration's randomness is fold_in(state.rng, state.step) and the
 prompt batch is a function of state.step, so a run restored from a checkpoint continues exactly.
 """
@@ -24,7 +25,7 @@ from jaxllm.rl import ppo
 from jaxllm.rl.ppo import PPOConfig, PPOState
 
 GenerateFn = Callable[[dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
-ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+ScoreFn = Callable[[dict], jax.Array]
 
 
 def prompt_batch(prompts: np.ndarray, prompt_mask: np.ndarray, step: int, batch_size: int, seed: int):
@@ -81,7 +82,7 @@ def iteration(state: PPOState, ref_params, prompts: tuple[jax.Array, jax.Array],
     tokens, sample_logprobs, response_mask = generate(state.policy_params, prompt_tokens, prompt_mask, gen_key)
     batch = sequence_batch(prompt_mask, tokens, response_mask)
     logprobs, ref_logprobs, values = forward(state.policy_params, ref_params, state.value_params, batch)
-    scores = jnp.asarray(score(tokens, batch["response_mask"]), jnp.float32)
+    scores = jnp.asarray(score(batch), jnp.float32)
     cut = ppo.cut_without_eos(tokens, response_mask, eos_id) if eos_id is not None else None
     rollout = dict(batch, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)
     rollout, rollout_metrics = _advantages(rollout, scores, state.kl.kl_coef, cut, cfg=cfg)
