@@ -184,7 +184,8 @@ def test_adaptive_kl_controller_follows_rule():
 
 
 @pytest.mark.parametrize("key,value", [("gamma", 1.5), ("kl_estimator", "k9"), ("kl_controller", "pid"),
-                                       ("clip_eps", 0.0), ("minibatch_size", 0), ("cut_penalty", -1.0)])
+                                       ("clip_eps", 0.0), ("minibatch_size", 0), ("cut_penalty", -1.0),
+                                       ("accum_steps", 3)])
 def test_validate_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"ppo.{key}="):
         ppo.validate(dataclasses.replace(ppo.PPOConfig(), **{key: value}))

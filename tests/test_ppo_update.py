@@ -169,3 +169,25 @@ def test_value_head_on_the_policy_shares_its_backbone(setup):
     g0, g1, _ = policy_grads(state.policy_params, state.value_params, rollout)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_whole_minibatches(setup):
+    """accum_steps=2 weighs microbatches by response tokens: the same update as whole minibatches.
+
+    SGD, not Adam: Adam's update for a near-zero gradient is +-lr whatever its size, which turns float32
+    reassociation noise (the sums run in another order) into differences of order lr.
+    """
+    rollout, _, state, _ = setup
+    sgd = optax.sgd(0.1)
+    state = ppo.create_state(state.policy_params, state.value_params, sgd, sgd, UPDATE_CFG, seed=0)
+    got = {}
+    for accum in (1, 2):
+        cfg = dataclasses.replace(UPDATE_CFG, accum_steps=accum)
+        update = ppo.make_ppo_update(cfg, policy_model=CFG, value_model=CFG, policy_optimizer=sgd,
+                                     value_optimizer=sgd, donate=False)
+        got[accum] = update(state, rollout, jax.random.PRNGKey(0))
+    for a, b in zip(jax.tree.leaves(got[2][0]), jax.tree.leaves(got[1][0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for k in ("pg_loss", "vf_loss", "entropy", "clip_frac", "approx_kl"):
+        np.testing.assert_allclose(float(got[2][1][k]), float(got[1][1][k]), rtol=1e-5, atol=1e-6, err_msg=k)

@@ -10,7 +10,6 @@ the critic's value of the state before token t, `rewards[:, t]` the reward for e
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -21,6 +20,7 @@ from flax import struct
 from jaxllm import losses
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.models import heads, transformer
+from jaxllm.train.step import _weighted_grads as weighted_grads  # token-weighted accumulation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,7 @@ class PPOConfig:
     kl_horizon: float = 10000.0  # Ziegler et al. 2019 / TRL v0 `horizon`, OpenRLHF kl_horizon
     epochs: int = 4  # TRL num_ppo_epochs
     minibatch_size: int = 8  # rows per minibatch; the rollout batch must be a multiple
+    accum_steps: int = 1  # microbatches per minibatch (gradient accumulation, token-weighted: exact)
     whiten_advantages: bool = True  # TRL, OpenRLHF
     whiten_rewards: bool = False  # TRL
     cut_penalty: float = 0.0  # subtracted from the score of a response without EOS (TRL missing_eos_penalty)
@@ -65,6 +66,8 @@ def validate(cfg: PPOConfig, prefix: str = "ppo.") -> PPOConfig:
         ("kl_horizon", cfg.kl_horizon > 0, "must be > 0"),
         ("epochs", cfg.epochs > 0, "must be > 0"),
         ("minibatch_size", cfg.minibatch_size > 0, "must be > 0"),
+        ("accum_steps", cfg.accum_steps > 0 and cfg.minibatch_size % max(cfg.accum_steps, 1) == 0,
+         f"must be > 0 and divide ppo.minibatch_size={cfg.minibatch_size}"),
         ("cut_penalty", cfg.cut_penalty >= 0, "must be >= 0 (it is subtracted from the score)"),
         ("temperature", cfg.temperature > 0, "must be > 0"),
     ]
@@ -376,6 +379,9 @@ def _shuffled_minibatches(rollout: dict, key: jax.Array, minibatch_size: int) ->
     return jax.tree.map(lambda x: x[perm].reshape(b // minibatch_size, minibatch_size, *x.shape[1:]), rollout)
 
 
+_NO_RNG = jax.random.PRNGKey(0)  # the PPO loss uses no randomness
+
+
 def make_ppo_update(cfg: PPOConfig, *, policy_model: ModelConfig, value_model: ModelConfig,
                     policy_optimizer: optax.GradientTransformation, value_optimizer: optax.GradientTransformation,
                     donate: bool = True):
@@ -385,13 +391,15 @@ def make_ppo_update(cfg: PPOConfig, *, policy_model: ModelConfig, value_model: M
     of both optimizers (separate Optax chains; clipping lives in them), then moves the KL controller with the
     rollout's mean per-sequence KL and counts one iteration. Metrics are means over all minibatch steps.
     """
-    loss_fn = partial(ppo_minibatch_loss, cfg=cfg, policy_model=policy_model, value_model=value_model)
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    def loss_fn(params, batch, rng):
+        del rng
+        return ppo_minibatch_loss(*params, batch, cfg, policy_model=policy_model, value_model=value_model)
+
     keys = ("tokens", "positions", "segment_ids", "response_mask", "logprobs", "values", "advantages", "returns")
 
     def minibatch_step(carry, batch):
         pp, vp, po, vo = carry
-        (_, metrics), (pg, vg) = grad_fn(pp, vp, batch)
+        (pg, vg), metrics = weighted_grads(loss_fn, (pp, vp), batch, _NO_RNG, cfg.accum_steps)
         p_updates, po = policy_optimizer.update(pg, po, pp)
         v_updates, vo = value_optimizer.update(vg, vo, vp)
         metrics = dict(metrics, policy_grad_norm=optax.tree.norm(pg), value_grad_norm=optax.tree.norm(vg))
