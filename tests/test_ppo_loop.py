@@ -79,7 +79,7 @@ def parts():
 def run(iterations: int, run_dir=None, every: int = 0, history: list | None = None) -> ppo.PPOState:
     policy, critic, opt_p, opt_v, update, forward, prompts, generate = parts()
     state = ppo.create_state(policy, critic, opt_p, opt_v, PPO_CFG, seed=0)
-    log = (lambda step, m: history.append(m)) if history is not None else None
+    log = (lambda step, m, tokens, mask: history.append(m)) if history is not None else None
     return ppo_loop.train(state, policy, prompts, np.ones_like(prompts), iterations=iterations, batch_size=ROWS,
                           seed=0, generate=generate, score=low_token_share, forward=forward, update=update,
                           cfg=PPO_CFG, eos_id=EOS, run_dir=run_dir, every=every, log=log)

@@ -31,7 +31,8 @@ ScoreFn = Callable[[dict], jax.Array]
 def prompt_batch(prompts: np.ndarray, prompt_mask: np.ndarray, step: int, batch_size: int, seed: int):
     """Rows of iteration `step`: epochs of a seeded permutation, so the position is the step itself.
 
-    prompts, prompt_mask: [N, P]. Returns (tokens [batch_size, P], mask [batch_size, P]).
+    prompts, prompt_mask: [N, P]. Returns (tokens [batch_size, P], mask [batch_size, P]). An epoch is
+    N // batch_size batches; the N % batch_size rows left over differ from epoch to epoch.
     """
     n = prompts.shape[0]
     if n < batch_size:
@@ -124,18 +125,22 @@ def restore_or_keep(mgr, state: PPOState) -> PPOState:
 def train(state: PPOState, ref_params, prompts: np.ndarray, prompt_mask: np.ndarray, *, iterations: int,
           batch_size: int, seed: int, generate: GenerateFn, score: ScoreFn, forward, update, cfg: PPOConfig,
           eos_id: int | None, run_dir: Path | None = None, every: int = 0,
-          log: Callable[[int, dict], None] | None = None) -> PPOState:
-    """Run PPO iterations up to `iterations`, resuming from run_dir/checkpoints when present."""
+          log: Callable[[int, dict, jax.Array, jax.Array], None] | None = None) -> PPOState:
+    """Run PPO iterations up to `iterations`, resuming from run_dir/checkpoints when present.
+
+    log(step, metrics, tokens, response_mask) sees each iteration's metrics and rollout (to write samples).
+    A checkpoint is written every `every` iterations and at the end (every=0: never).
+    """
     mgr = checkpoint.manager(Path(run_dir) / "checkpoints", keep=2, use_async=False) if run_dir else None
     try:
         if mgr is not None:
             state = restore_or_keep(mgr, state)
         for step in range(int(state.step), iterations):
             batch_prompts = prompt_batch(prompts, prompt_mask, step, batch_size, seed)
-            state, metrics, _ = iteration(state, ref_params, batch_prompts, generate=generate, score=score,
+            state, metrics, (tokens, response_mask) = iteration(state, ref_params, batch_prompts, generate=generate, score=score,
                                           forward=forward, update=update, cfg=cfg, eos_id=eos_id)
             if log is not None:
-                log(step + 1, metrics)
+                log(step + 1, metrics, tokens, response_mask)
             if mgr is not None and every and ((step + 1) % every == 0 or step + 1 == iterations):
                 save(mgr, state)
     finally:
