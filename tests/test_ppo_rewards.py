@@ -23,7 +23,8 @@ def decode(ids):
 @pytest.fixture
 def module(tmp_path, monkeypatch):
     (tmp_path / "my_rewards_ppo.py").write_text(
-        "def length(prompts, responses):\n    return [len(r.split()) + 0.5 * len(p.split()) for p, r in zip(prompts, responses)]\n"
+        "def length(prompts, responses):\n"
+        "    return [len(r.split()) + 0.5 * len(p.split()) for p, r in zip(prompts, responses)]\n"
         "def short(prompts, responses):\n    return [1.0]\n"
         "def nan(prompts, responses):\n    return [float('nan')] * len(prompts)\n"
         "NOT_A_FUNCTION = 3\n")

@@ -379,9 +379,6 @@ def _shuffled_minibatches(rollout: dict, key: jax.Array, minibatch_size: int) ->
     return jax.tree.map(lambda x: x[perm].reshape(b // minibatch_size, minibatch_size, *x.shape[1:]), rollout)
 
 
-_NO_RNG = jax.random.PRNGKey(0)  # the PPO loss uses no randomness
-
-
 def make_ppo_update(cfg: PPOConfig, *, policy_model: ModelConfig, value_model: ModelConfig,
                     policy_optimizer: optax.GradientTransformation, value_optimizer: optax.GradientTransformation,
                     donate: bool = True):
@@ -399,7 +396,8 @@ def make_ppo_update(cfg: PPOConfig, *, policy_model: ModelConfig, value_model: M
 
     def minibatch_step(carry, batch):
         pp, vp, po, vo = carry
-        (pg, vg), metrics = weighted_grads(loss_fn, (pp, vp), batch, _NO_RNG, cfg.accum_steps)
+        no_rng = jax.random.PRNGKey(0)  # the PPO loss draws no random numbers
+        (pg, vg), metrics = weighted_grads(loss_fn, (pp, vp), batch, no_rng, cfg.accum_steps)
         p_updates, po = policy_optimizer.update(pg, po, pp)
         v_updates, vo = value_optimizer.update(vg, vo, vp)
         metrics = dict(metrics, policy_grad_norm=optax.tree.norm(pg), value_grad_norm=optax.tree.norm(vg))

@@ -137,8 +137,9 @@ def train(state: PPOState, ref_params, prompts: np.ndarray, prompt_mask: np.ndar
             state = restore_or_keep(mgr, state)
         for step in range(int(state.step), iterations):
             batch_prompts = prompt_batch(prompts, prompt_mask, step, batch_size, seed)
-            state, metrics, (tokens, response_mask) = iteration(state, ref_params, batch_prompts, generate=generate, score=score,
-                                          forward=forward, update=update, cfg=cfg, eos_id=eos_id)
+            state, metrics, (tokens, response_mask) = iteration(
+                state, ref_params, batch_prompts, generate=generate, score=score, forward=forward, update=update,
+                cfg=cfg, eos_id=eos_id)
             if log is not None:
                 log(step + 1, metrics, tokens, response_mask)
             if mgr is not None and every and ((step + 1) % every == 0 or step + 1 == iterations):
