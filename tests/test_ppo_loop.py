@@ -125,7 +125,9 @@ def test_ppo_raises_a_verifiable_reward_with_bounded_kl():
 def test_resume_equals_uninterrupted(tmp_path):
     straight = run(3)
     run(2, run_dir=tmp_path, every=2)
-    resumed = run(3, run_dir=tmp_path, every=2)
-    assert int(resumed.step) == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    history: list[dict] = []
+    resumed = run(3, run_dir=tmp_path, every=2, history=history)
+    assert int(resumed.step) == 3 and len(history) == 1  # restored at 2, ran only the third iteration
     for a, b in zip(jax.tree.leaves(ppo_loop.state_dict(straight)), jax.tree.leaves(ppo_loop.state_dict(resumed))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
