@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm import config
 from jaxllm.config import ConfigError
 from jaxllm.rl import ppo
 
@@ -190,3 +191,14 @@ def test_validate_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"ppo.{key}="):
         ppo.validate(dataclasses.replace(ppo.PPOConfig(), **{key: value}))
     assert ppo.validate(ppo.PPOConfig()) == ppo.PPOConfig()
+
+
+def test_ppo_config_loads_through_the_config_loader(tmp_path):
+    path = tmp_path / "ppo.yaml"
+    path.write_text("kl_controller: adaptive\nkl_target: 3\nepochs: 2\n")
+    cfg = config.load(path, ["clip_eps=0.1"], cls=ppo.PPOConfig, validator=lambda c: ppo.validate(c, prefix=""))
+    assert (cfg.kl_controller, cfg.kl_target, cfg.epochs, cfg.clip_eps) == ("adaptive", 3.0, 2, 0.1)
+    with pytest.raises(ConfigError, match="did you mean kl_coef"):
+        config.load(path, ["kl_cof=0.1"], cls=ppo.PPOConfig)
+    with pytest.raises(ConfigError, match="kl_estimator='k9'"):
+        config.load(path, ["kl_estimator=k9"], cls=ppo.PPOConfig, validator=lambda c: ppo.validate(c, prefix=""))
