@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -18,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to the torch peer
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -110,7 +112,7 @@ def bench_torch(cfg, n_steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", nargs="+", default=["124m", "1b"])
-    parser.add_argument("--impls", nargs="+", default=["auto"])
+    parser.add_argument("--impls", nargs="*", default=["auto"], help="attention impls to time (none: peer only)")
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch + HF peer")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny config")
