@@ -78,6 +78,19 @@ def data_cmd(argv: list[str]) -> int:
     return 0
 
 
+@command("sft", "supervised fine-tuning on instruction / chat records (default: built-in stdlib set)")
+def sft_cmd(argv: list[str]) -> int:
+    args = _config_parser("sft", "Fine-tune a run on instruction or chat data (loss on responses only).").parse_args(argv)
+    from jaxllm.stages import sft
+
+    if args.help_config:
+        _print_keys(sft.SFTConfig)
+        return 0
+    run_dir = sft.run(sft.load(args.config, args.overrides))
+    print(f"done: {run_dir}")
+    return 0
+
+
 @command("generate", "sample continuations from a trained run (KV cache; JSONL in, JSONL out)")
 def generate_cmd(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm generate", description="Sample from a trained run.")

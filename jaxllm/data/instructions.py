@@ -1,0 +1,100 @@
+"""Built-in instruction and preference sets made from the Python standard library, with no download.
+
+Sources are parsed with `ast` (nothing is imported, so no side effects): for each public top-level function
+with a docstring, the instruction is "Summarise what `module.func(signature)` does." and the response is the
+docstring's first line. The held-out split is by module (the same crc32 rule as the pre-training corpus), so
+no held-out module's functions are seen in training. The preference set pairs each instruction's right line
+(chosen) with a near miss (rejected): the first line of the next function of the same module, or of the
+nearest module when the module has one function.
+"""
+
+from __future__ import annotations
+
+import ast
+import sysconfig
+from pathlib import Path
+
+from jaxllm.data import sources
+
+MIN_LINE_CHARS = 12
+
+
+def _module_name(rel: Path) -> str:
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _functions(tree: ast.Module) -> list[tuple[str, str, str]]:
+    """(name, signature, first docstring line) of public top-level functions with a useful docstring."""
+    out = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node)
+        line = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
+        if len(line) < MIN_LINE_CHARS:
+            continue
+        out.append((node.name, ast.unparse(node.args), line))
+    return out
+
+
+def stdlib_functions(max_modules: int = 0) -> list[dict]:
+    """[{module, function, signature, summary}] in a fixed order (sorted files, then source order)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, modules = [], 0
+    for path in sources._stdlib_files():
+        if max_modules and modules >= max_modules:
+            break
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        module = _module_name(path.relative_to(root))
+        found = _functions(tree)
+        if found:
+            modules += 1
+        for name, sig, line in found:
+            out.append({"module": module, "function": name, "signature": sig, "summary": line})
+    return out
+
+
+def instruction(fn: dict) -> str:
+    return f"Summarise what `{fn['module']}.{fn['function']}({fn['signature']})` does."
+
+
+def sft_records(heldout_fraction: float, max_modules: int = 0) -> tuple[list, list]:
+    """(train, held-out) lists of (where, record) with Alpaca-style records."""
+    train, held = [], []
+    for fn in stdlib_functions(max_modules):
+        rec = {"instruction": instruction(fn), "input": "", "output": fn["summary"]}
+        where = f"builtin:{fn['module']}.{fn['function']}"
+        (held if sources.is_heldout(fn["module"], heldout_fraction) else train).append((where, rec))
+    return train, held
+
+
+def preference_records(heldout_fraction: float, max_modules: int = 0) -> tuple[list, list]:
+    """(train, held-out) lists of (where, {"prompt", "chosen", "rejected"}), deterministic."""
+    fns = stdlib_functions(max_modules)
+    by_module: dict[str, list[int]] = {}
+    for i, fn in enumerate(fns):
+        by_module.setdefault(fn["module"], []).append(i)
+    train, held = [], []
+    for i, fn in enumerate(fns):
+        miss = _near_miss(fns, i, by_module[fn["module"]])
+        if miss is None:
+            continue
+        rec = {"prompt": instruction(fn), "chosen": fn["summary"], "rejected": miss}
+        where = f"builtin:{fn['module']}.{fn['function']}"
+        (held if sources.is_heldout(fn["module"], heldout_fraction) else train).append((where, rec))
+    return train, held
+
+
+def _near_miss(fns: list[dict], i: int, same_module: list[int]) -> str | None:
+    """The first line of a neighbouring function (same module first) whose line differs from fns[i]'s."""
+    order = sorted((j for j in same_module if j != i), key=lambda j: (j - i) % len(fns)) + [i + 1, i - 1]
+    for j in order:
+        if 0 <= j < len(fns) and fns[j]["summary"] != fns[i]["summary"]:
+            return fns[j]["summary"]
+    return None
