@@ -215,13 +215,19 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict, prefix: str = "", where: str = "", root: type | None = None) -> Any:
-    """Build dataclass `cls` from a nested dict, checking keys and types."""
+def from_dict(cls: type, data: dict, prefix: str = "", where: str = "", root: type | None = None,
+              base: Any = None) -> Any:
+    """Build dataclass `cls` from a nested dict, checking keys and types.
+
+    Keys absent from `data` keep the values of `base` (a section's default instance, e.g. a stage config's
+    `TrainConfig(batch_size=64)`), else the class defaults.
+    """
     root = root or cls
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}'{where} must be a mapping")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     kwargs = {}
     for name, value in data.items():
         key = prefix + str(name)
@@ -229,10 +235,12 @@ def from_dict(cls: type, data: dict, prefix: str = "", where: str = "", root: ty
             raise _unknown_key(key, root, where)
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
-            kwargs[name] = from_dict(typ, value or {}, key + ".", where, root)
+            default = getattr(base, name, None) if base is not None else fields[name].default
+            default = default if dataclasses.is_dataclass(default) else None
+            kwargs[name] = from_dict(typ, value or {}, key + ".", where, root, default)
         else:
             kwargs[name] = _coerce(value, typ, key, where)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def to_dict(cfg: Any) -> dict:

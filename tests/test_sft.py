@@ -183,6 +183,9 @@ def test_shipped_config_parses():
     cfg = sft.load("configs/sft_tiny.yaml", ["init.run=runs/x"])
     assert cfg.data.path == "builtin" and cfg.init.run == "runs/x" and cfg.train.steps == 0
     assert sft.SFTConfig().optim.lr == 1e-5 and sft.SFTConfig().train.batch_size == 64
+    # An override in a section keeps the stage's own defaults for that section's other keys.
+    cfg = sft.load(None, ["train.steps=5", "optim.lr=3e-3"])
+    assert (cfg.train.batch_size, cfg.train.name, cfg.optim.warmup_steps, cfg.optim.lr) == (64, "sft", 100, 3e-3)
 
 
 def test_tiny_sft_heldout_loss_falls(tmp_path):
