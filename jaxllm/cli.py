@@ -91,6 +91,36 @@ def sft_cmd(argv: list[str]) -> int:
     return 0
 
 
+
+@command("reward", "train a reward model on preference pairs; `reward score` writes rewards")
+def reward_cmd(argv: list[str]) -> int:
+    from jaxllm.stages import reward
+
+    if argv[:1] == ["score"]:
+        parser = argparse.ArgumentParser(prog="jaxllm reward score", description="Score responses with a reward run.")
+        parser.add_argument("--run", required=True, help="reward run directory, e.g. runs/rm")
+        parser.add_argument("--input", required=True, help="JSONL of {prompt, response} or preference records")
+        parser.add_argument("--output", help="output JSONL (default: stdout)")
+        parser.add_argument("--batch-size", type=int, default=32)
+        args = parser.parse_args(argv[1:])
+        out = open(args.output, "w") if args.output else sys.stdout
+        try:
+            counts = reward.score_file(args.run, args.input, out, batch_size=args.batch_size)
+        finally:
+            if args.output:
+                out.close()
+        print(f"scored {counts.kept} records ({counts.bad} skipped)", file=sys.stderr)
+        return 0
+    args = _config_parser("reward", "Train a reward model (backbone + scalar head) on preference pairs; "
+                                    "`jaxllm reward score --run R --input F` scores records.").parse_args(argv)
+    if args.help_config:
+        _print_keys(reward.RewardConfig)
+        return 0
+    run_dir = reward.run(reward.load(args.config, args.overrides))
+    print(f"done: {run_dir}")
+    return 0
+
+
 @command("generate", "sample continuations from a trained run (KV cache; JSONL in, JSONL out)")
 def generate_cmd(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm generate", description="Sample from a trained run.")

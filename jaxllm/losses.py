@@ -48,3 +48,29 @@ def next_token(logits: jax.Array, batch: dict[str, jax.Array], *, z_loss: float 
         "weight": n,
     }
     return ce + z_loss * zl, metrics
+
+
+def bradley_terry(r_chosen: jax.Array, r_rejected: jax.Array, *, margin: jax.Array | float = 0.0,
+                  center_coef: float = 0.0):
+    """Pairwise reward-model loss: mean -log sigmoid(r_chosen - r_rejected - margin), computed stably as
+    softplus(-(diff - margin)), plus center_coef * mean((r_chosen + r_rejected)^2), which keeps rewards
+    centred on zero (the "reward centering" auxiliary term).
+
+    r_chosen, r_rejected: [B] float32; margin: scalar or [B] (a required gap, e.g. from graded preferences).
+    """
+    r_chosen = r_chosen.astype(jnp.float32)
+    r_rejected = r_rejected.astype(jnp.float32)
+    diff = r_chosen - r_rejected  # [B]
+    bt = jnp.mean(jax.nn.softplus(-(diff - margin)))
+    center = jnp.mean(jnp.square(r_chosen + r_rejected))
+    rewards = jnp.concatenate([r_chosen, r_rejected])  # [2B]
+    metrics = {
+        "loss": bt,
+        "center_loss": center,
+        "accuracy": jnp.mean((diff > 0).astype(jnp.float32)),
+        "margin": jnp.mean(diff),
+        "reward_mean": jnp.mean(rewards),
+        "reward_std": jnp.std(rewards),
+        "weight": jnp.asarray(r_chosen.shape[0], jnp.float32),
+    }
+    return bt + center_coef * center, metrics

@@ -281,3 +281,28 @@ class Rows:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {k: v[int(index)] for k, v in self.arrays.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reward-model sequences: prompt + response rendered as a two-turn chat, then EOS (the scored token).
+
+
+def encode_scored(tok: Tokenizer, template: ChatTemplate, prompt: str, response: str, eos_id: int,
+                  seq_len: int, policy: str) -> tuple[Encoded | None, bool]:
+    """The sequence a reward model scores: user=prompt, assistant=response, then EOS; fit to seq_len.
+
+    Returns (example or None when dropped, whether it was truncated)."""
+    enc = render(tok, template, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    enc = Encoded(np.append(enc.ids, np.int32(eos_id)), np.append(enc.loss_mask, np.int32(1)), enc.response_start)
+    out = fit_length(enc, seq_len, policy)
+    return out, out is not None and len(out.ids) < len(enc.ids)
+
+
+def pad_rows(examples: list[Encoded], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded tokens [N, seq_len] and mask [N, seq_len] (1 = real token)."""
+    tokens = np.full((len(examples), seq_len), pad_id, np.int32)
+    mask = np.zeros((len(examples), seq_len), np.int32)
+    for i, ex in enumerate(examples):
+        tokens[i, : len(ex.ids)] = ex.ids
+        mask[i, : len(ex.ids)] = 1
+    return tokens, mask

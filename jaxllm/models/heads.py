@@ -55,3 +55,37 @@ def scalars(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     """The head's output at every position: float32 [B, T] (position t has seen tokens 0..t)."""
     hidden = transformer.hidden_states(params["backbone"], cfg, tokens, positions, segment_ids)  # [B, T, D]
     return apply_head(params["head"], hidden)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sequence scores (the reward model): the head at each row's last real token.
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+    """[B] index of the last position with mask != 0 (left, right or no padding). mask: [B, T]."""
+    t = mask.shape[1]
+    idx = jnp.where(mask != 0, jnp.arange(t)[None, :], -1)  # [B, T]
+    return jnp.maximum(jnp.max(idx, axis=1), 0)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """[B, T] positions counting real tokens only, so left padding does not shift RoPE."""
+    return jnp.maximum(jnp.cumsum(mask != 0, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def hidden_at_last(backbone: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 [B, D]: the backbone's final hidden state at each row's last real token."""
+    segment_ids = (mask != 0).astype(jnp.int32)
+    hidden = transformer.hidden_states(backbone, cfg, tokens, positions_from_mask(mask), segment_ids)  # [B, T, D]
+    last = last_token_index(mask)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [B, D]
+
+
+def score(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Rewards [B] float32 (raw, not normalised). tokens: [B, T] int32; mask: [B, T] (1 = real token).
+
+    Pure and jittable (`jax.jit(score, static_argnums=1)`). Each row is one sequence (prompt + response +
+    EOS, see data/formats.encode_scored); it may be left- or right-padded.
+    """
+    h = hidden_at_last(params["backbone"], cfg, tokens, mask)  # [B, D]
+    return h @ params["head"]["w"] + params["head"]["b"]

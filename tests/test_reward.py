@@ -1,0 +1,183 @@
+"""Reward model: Bradley-Terry loss, the scalar head's padding invariance, preference data, a tiny run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+
+os.environ.setdefault("JAXLLM_CACHE", tempfile.mkdtemp(prefix="jaxllm-test-cache-"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxllm import config as config_lib, losses, models  # noqa: E402
+from jaxllm.data import formats, instructions, tokenizer as tokenizers  # noqa: E402
+from jaxllm.data.pipeline import DataError  # noqa: E402
+from jaxllm.logging import read_metrics  # noqa: E402
+from jaxllm.models import heads  # noqa: E402
+from jaxllm.stages import reward  # noqa: E402
+
+MODEL = config_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                               max_seq_len=32, dtype="float32")
+
+
+def _np_bt(rc, rr, margin, center):
+    rc, rr = np.asarray(rc, np.float64), np.asarray(rr, np.float64)
+    d = rc - rr - margin
+    return np.mean([-np.log(1.0 / (1.0 + np.exp(-x))) for x in d]) + center * np.mean((rc + rr) ** 2)
+
+
+@pytest.mark.parametrize("margin,center", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.1), (0.3, 0.05)])
+def test_bradley_terry_equals_numpy_formula(margin, center):
+    rc = np.array([1.5, -0.2, 3.0, 0.0, -4.0], np.float32)
+    rr = np.array([0.5, 0.3, -2.0, 0.0, 1.0], np.float32)
+    loss, m = losses.bradley_terry(jnp.asarray(rc), jnp.asarray(rr), margin=margin, center_coef=center)
+    np.testing.assert_allclose(float(loss), _np_bt(rc, rr, margin, center), rtol=1e-6)
+    assert float(m["accuracy"]) == pytest.approx(2 / 5) and float(m["weight"]) == 5
+    np.testing.assert_allclose(float(m["margin"]), np.mean(rc.astype(np.float64) - rr), rtol=1e-6)
+    both = np.concatenate([rc, rr]).astype(np.float64)
+    np.testing.assert_allclose([float(m["reward_mean"]), float(m["reward_std"])], [both.mean(), both.std()], rtol=1e-5)
+
+
+def test_bradley_terry_is_stable_for_large_gaps_and_swap_flips_margin():
+    rc, rr = jnp.array([200.0, -200.0]), jnp.array([-200.0, 200.0])
+    loss, m = losses.bradley_terry(rc, rr)
+    assert np.isfinite(float(loss)) and float(loss) == pytest.approx(200.0, rel=1e-6)  # mean(0, 400)
+    _, swapped = losses.bradley_terry(rr, rc)
+    assert float(swapped["margin"]) == -float(m["margin"])
+    rc, rr = jnp.array([1.0, 2.0, -0.5]), jnp.array([0.0, 2.5, -1.0])
+    _, a = losses.bradley_terry(rc, rr)
+    _, b = losses.bradley_terry(rr, rc)
+    assert float(a["margin"]) == pytest.approx(-float(b["margin"])) and float(a["accuracy"]) == pytest.approx(1 - float(b["accuracy"]))
+
+
+def test_last_token_index_for_ragged_lengths_and_either_padding_side():
+    right = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    left = np.array([[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]])
+    assert heads.last_token_index(jnp.asarray(right)).tolist() == [2, 0, 4]
+    assert heads.last_token_index(jnp.asarray(left)).tolist() == [4, 4, 4]
+    assert heads.positions_from_mask(jnp.asarray(left))[0].tolist() == [0, 0, 0, 1, 2]
+
+
+def _rm_params(seed=0):
+    _, backbone = models.init(MODEL, seed)
+    return heads.from_backbone(backbone, MODEL, seed, std=0.2)
+
+
+def test_reward_does_not_depend_on_padding_side_or_amount():
+    params = _rm_params()
+    seqs = [[5, 9, 3, 7, 1], [4, 2, 1], [8, 8, 6, 5, 4, 3, 2, 1]]
+    rows = []
+    for pad_right, width in [(True, 8), (True, 20), (False, 8), (False, 32)]:
+        tokens = np.zeros((3, width), np.int32)
+        mask = np.zeros((3, width), np.int32)
+        for i, s in enumerate(seqs):
+            sl = slice(0, len(s)) if pad_right else slice(width - len(s), width)
+            tokens[i, sl], mask[i, sl] = s, 1
+        rows.append(np.asarray(heads.score(params, MODEL, jnp.asarray(tokens), jnp.asarray(mask))))
+    for other in rows[1:]:
+        np.testing.assert_allclose(other, rows[0], rtol=1e-5, atol=1e-5)
+    # Oracle: each sequence scored alone with no padding at all.
+    alone = [float(heads.score(params, MODEL, jnp.asarray([s]), jnp.ones((1, len(s)), jnp.int32))[0]) for s in seqs]
+    np.testing.assert_allclose(rows[0], alone, rtol=1e-5, atol=1e-5)
+    assert np.std(rows[0]) > 1e-4  # different sequences get different rewards (the test can fail)
+
+
+def test_swapping_chosen_and_rejected_flips_the_margin():
+    params = _rm_params(1)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 64, (4, 2, 16)).astype(np.int32)
+    mask = np.ones((4, 2, 16), np.int32)
+    mask[:, 1, 10:] = 0
+    cfg = reward.RewardConfig(model=MODEL)
+    _, m = reward.loss_fn(params, {"tokens": tokens, "mask": mask}, None, cfg=cfg)
+    _, s = reward.loss_fn(params, {"tokens": tokens[:, ::-1], "mask": mask[:, ::-1]}, None, cfg=cfg)
+    np.testing.assert_allclose(float(s["margin"]), -float(m["margin"]), rtol=1e-5)
+    assert abs(float(m["margin"])) > 1e-5
+
+
+def _write(path, lines):
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    tok = tokenizers.train_bpe(["abc"], 258)
+    formats.add_special_tokens(tok, formats.ChatTemplate())
+    return tok
+
+
+def test_preference_records_both_formats_ties_and_bad_lines(tmp_path, byte_tok):
+    lines = [{"prompt": "p", "chosen": "good", "rejected": "bad"},
+             {"prompt": "p", "response_A": "x", "response_B": "yy", "preference": "B"},
+             {"prompt": "p", "response_A": "x", "response_B": "y", "preference": "tie"},  # tie
+             {"prompt": "p", "chosen": "same", "rejected": "same"},  # tie
+             {"prompt": "p", "chosen": "c"},  # missing rejected
+             {"prompt": "p", "response_A": "x", "response_B": "y", "preference": "C"}, "[1, 2"]
+    path = _write(tmp_path / "prefs.jsonl", lines)
+    counts = formats.Counts()
+    d = reward.RewardDataConfig(seq_len=32)
+    pairs = reward.encode_pairs(formats.read_jsonl(path, counts), byte_tok, d, counts)
+    assert pairs["tokens"].shape == (2, 2, 32) and (counts.kept, counts.ties, counts.bad) == (2, 2, 3)
+    assert counts.first_errors[0] == f"{path}:5: missing field 'rejected'"
+    assert counts.first_errors[2].startswith(f"{path}:7: invalid JSON")
+    eos = tokenizers.eos_id(byte_tok)
+    chosen = pairs["tokens"][1, 0][pairs["mask"][1, 0] == 1]  # preference B: chosen = "yy"
+    assert chosen[-1] == eos and byte_tok.decode(chosen.tolist()).endswith("yy")
+    with pytest.raises(DataError, match="3 of 7 records are malformed"):
+        counts.check_ratio(0.1, path)
+
+
+def test_builtin_preference_set_is_deterministic_with_near_misses():
+    a_train, a_held = instructions.preference_records(0.2, max_modules=12)
+    b_train, b_held = instructions.preference_records(0.2, max_modules=12)
+    assert a_train == b_train and a_held == b_held and a_train and a_held
+    held_modules = {w.split(":")[1].rsplit(".", 1)[0] for w, _ in a_held}
+    assert not held_modules & {w.split(":")[1].rsplit(".", 1)[0] for w, _ in a_train}  # split by module
+    summaries = {r["chosen"] for _, r in a_train + a_held}
+    for _, r in a_train + a_held:
+        assert r["chosen"] != r["rejected"] and r["rejected"] in summaries  # another function's line
+
+
+def test_bad_config_and_missing_run_are_one_line_errors(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="loss.margin"):
+        reward.load(None, ["loss.margin=-1"])
+    with pytest.raises(config_lib.ConfigError, match="not a run directory"):
+        reward.load_reward_model(tmp_path)
+    cfg = reward.load("configs/rm_tiny.yaml", ["init.run=runs/sft"])
+    assert cfg.loss.center_coef == 0.01 and cfg.train.name == "rm-tiny"
+    assert reward.RewardConfig().optim.lr == 1e-5
+
+
+TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.d_ff=64", "model.max_seq_len=128", "model.dtype=float32", "data.seq_len=128", "train.batch_size=16",
+        "train.log_every=10", "train.progress=false", "checkpoint.every=1000", "optim.warmup_steps=5",
+        "data.max_documents=40"]
+
+
+def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
+    cfg = reward.load(None, TINY + [f"train.runs_dir={tmp_path}", "train.name=rm", "data.max_modules=12",
+                                    "data.heldout_fraction=0.2", "train.steps=4", "train.eval_every=2",
+                                    "train.eval_batches=1"])
+    run_dir = reward.run(cfg)
+    stats = json.loads((run_dir / "reward_stats.json").read_text())
+    assert stats["step"] == 4 and stats["std"] > 0 and 0 <= stats["heldout_accuracy"] <= 1
+    assert [e["step"] for e in read_metrics(run_dir, "eval")] == [2, 4]
+    path = _write(tmp_path / "in.jsonl", [{"prompt": "Summarise what `os.getcwd()` does.", "response": "cwd"},
+                                         {"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": 3}])
+    out = io.StringIO()
+    counts = reward.score_file(run_dir, path, out, batch_size=4)
+    rows = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert counts.bad == 1 and len(rows) == 2
+    _, tok, params, st = reward.load_reward_model(run_dir)
+    enc, _ = formats.encode_scored(tok, cfg.data.template, "p", "a", tokenizers.eos_id(tok), 128, "truncate")
+    direct = float(heads.score(params, reward.load_reward_model(run_dir)[0].model, jnp.asarray(enc.ids[None]),
+                               jnp.ones((1, len(enc.ids)), jnp.int32))[0])
+    np.testing.assert_allclose(rows[1]["reward_chosen"], direct, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rows[1]["reward_chosen_normalized"], (direct - st["mean"]) / st["std"], rtol=1e-4,
+                               atol=1e-5)
