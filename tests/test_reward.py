@@ -155,7 +155,7 @@ def test_bad_config_and_missing_run_are_one_line_errors(tmp_path):
 
 
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.d_ff=64", "model.max_seq_len=128", "model.dtype=float32", "data.seq_len=128", "train.batch_size=16",
+        "model.d_ff=64", "model.max_seq_len=64", "model.dtype=float32", "data.seq_len=64", "train.batch_size=8",
         "train.log_every=10", "train.progress=false", "checkpoint.every=1000", "optim.warmup_steps=5",
         "data.max_documents=40"]
 
@@ -175,7 +175,7 @@ def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
     rows = [json.loads(x) for x in out.getvalue().splitlines()]
     assert counts.bad == 1 and len(rows) == 2
     _, tok, params, st = reward.load_reward_model(run_dir)
-    enc, _ = formats.encode_scored(tok, cfg.data.template, "p", "a", tokenizers.eos_id(tok), 128, "truncate")
+    enc, _ = formats.encode_scored(tok, cfg.data.template, "p", "a", tokenizers.eos_id(tok), 64, "truncate")
     direct = float(heads.score(params, reward.load_reward_model(run_dir)[0].model, jnp.asarray(enc.ids[None]),
                                jnp.ones((1, len(enc.ids)), jnp.int32))[0])
     np.testing.assert_allclose(rows[1]["reward_chosen"], direct, rtol=1e-4, atol=1e-5)

@@ -202,3 +202,23 @@ def test_tiny_sft_heldout_loss_falls(tmp_path):
     assert {s["step"] for s in samples} == {10, 20, 30} and "reference" in samples[0]
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["kept"] > 0 and report["bad"] == 0
+
+
+def test_sft_starts_from_a_pretrain_run_and_grows_its_vocab(tmp_path):
+    from jaxllm import runs
+    from jaxllm.stages import pretrain
+
+    values = {"model.vocab_size": 512, "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 4,
+              "model.n_kv_heads": 2, "model.d_ff": 64, "model.max_seq_len": 64, "model.dtype": "float32",
+              "data.seq_len": 32, "data.max_documents": 40, "data.heldout_fraction": 0.1, "train.batch_size": 2,
+              "train.steps": 1, "train.eval_batches": 1, "train.progress": False, "train.num_samples": 0,
+              "train.runs_dir": str(tmp_path), "train.name": "pt", "checkpoint.every": 1}
+    pre_cfg = config_lib.replace(config_lib.Config(), **values)
+    pretrain.run(pre_cfg)
+    run_params, _ = runs.load_params(tmp_path / "pt", pre_cfg.model)
+    cfg, tok, params = sft.resolve(sft.load(None, [f"init.run={tmp_path / 'pt'}", "data.seq_len=64"]))
+    n_tok = runs.load_tokenizer(tmp_path / "pt").get_vocab_size()
+    assert tok.get_vocab_size() == n_tok + 4 and cfg.model.d_model == 32 and cfg.model.n_layers == 1
+    assert cfg.model.vocab_size == -(-(n_tok + 4) // 64) * 64 and params["embed"].shape[0] == cfg.model.vocab_size
+    np.testing.assert_array_equal(params["embed"][:512], run_params["embed"])
+    np.testing.assert_array_equal(params["layers"]["wq"], run_params["layers"]["wq"])
