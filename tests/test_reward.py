@@ -162,12 +162,15 @@ TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n
 
 def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
     cfg = reward.load(None, TINY + [f"train.runs_dir={tmp_path}", "train.name=rm", "data.max_modules=12",
-                                    "data.heldout_fraction=0.2", "train.steps=4", "train.eval_every=2",
-                                    "train.eval_batches=1"])
+                                    "data.heldout_fraction=0.2", "train.steps=80", "train.eval_every=40",
+                                    "train.eval_batches=1", "optim.lr=1e-3", "train.log_every=20"])
     run_dir = reward.run(cfg)
     stats = json.loads((run_dir / "reward_stats.json").read_text())
-    assert stats["step"] == 4 and stats["std"] > 0 and 0 <= stats["heldout_accuracy"] <= 1
-    assert [e["step"] for e in read_metrics(run_dir, "eval")] == [2, 4]
+    assert stats["step"] == 80 and stats["std"] > 0 and 0 <= stats["heldout_accuracy"] <= 1
+    assert [e["step"] for e in read_metrics(run_dir, "eval")] == [40, 80]
+    # It learns: the training pairs (about 30) are fitted. Held-out accuracy is not asserted: see docs.
+    train = read_metrics(run_dir, "train")
+    assert train[0]["accuracy"] < 0.8 and train[-1]["accuracy"] >= 0.9, [r["accuracy"] for r in train]
     path = _write(tmp_path / "in.jsonl", [{"prompt": "Summarise what `os.getcwd()` does.", "response": "cwd"},
                                          {"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": 3}])
     out = io.StringIO()

@@ -11,10 +11,13 @@ nearest module when the module has one function.
 from __future__ import annotations
 
 import ast
+import json
+import sys
 import sysconfig
 from pathlib import Path
 
-from jaxllm.data import sources
+from jaxllm.data import sources, tokenizer as tokenizers
+from jaxllm.data.pipeline import fingerprint
 
 MIN_LINE_CHARS = 12
 
@@ -41,7 +44,21 @@ def _functions(tree: ast.Module) -> list[tuple[str, str, str]]:
 
 
 def stdlib_functions(max_modules: int = 0) -> list[dict]:
-    """[{module, function, signature, summary}] in a fixed order (sorted files, then source order)."""
+    """[{module, function, signature, summary}] in a fixed order (sorted files, then source order).
+
+    Cached as JSON in the jaxllm cache directory (per Python version), since parsing takes seconds."""
+    key = fingerprint({"v": 1, "python": sys.version, "max_modules": max_modules})
+    path = tokenizers.cache_dir() / f"stdlib-functions-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = _parse_stdlib(max_modules)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(path)
+    return out
+
+
+def _parse_stdlib(max_modules: int) -> list[dict]:
     root = Path(sysconfig.get_paths()["stdlib"])
     out, modules = [], 0
     for path in sources._stdlib_files():
