@@ -129,8 +129,9 @@ def test_packed_and_unpacked_batches_give_the_same_loss(byte_tok):
     unpacked = formats.pack_examples(_examples(byte_tok), 128, 0, pack=False)
     assert packed["tokens"].shape[0] == 1 and unpacked["tokens"].shape[0] == 3
     assert packed["positions"][0, len(_examples(byte_tok)[0].ids)] == 0  # positions restart per example
-    lp, mp = sft.loss_fn(params, packed, None, cfg=cfg)
-    lu, mu = sft.loss_fn(params, unpacked, None, cfg=cfg)
+    loss_fn = jax.jit(lambda p, b: sft.loss_fn(p, b, None, cfg=cfg))
+    lp, mp = loss_fn(params, packed)
+    lu, mu = loss_fn(params, unpacked)
     assert float(mp["loss_tokens"]) == float(mu["loss_tokens"])
     np.testing.assert_allclose(float(lp), float(lu), rtol=1e-5)
 
