@@ -34,15 +34,15 @@ def _print_keys(cls=config_lib.Config) -> None:
     import dataclasses
     import typing
 
-    def walk(c, prefix):
+    def walk(c, prefix, defaults):  # defaults: the section's default instance (a stage may override it)
         for f in dataclasses.fields(c):
             typ = typing.get_type_hints(c)[f.name]
             if dataclasses.is_dataclass(typ):
-                walk(typ, prefix + f.name + ".")
+                walk(typ, prefix + f.name + ".", getattr(defaults, f.name))
             else:
-                print(f"{prefix}{f.name} = {f.default!r}")
+                print(f"{prefix}{f.name} = {getattr(defaults, f.name)!r}")
 
-    walk(cls, "")
+    walk(cls, "", cls())
 
 
 @command("pretrain", "next-token pre-training (default: tiny model, built-in corpus, CPU-friendly)")

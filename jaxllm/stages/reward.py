@@ -244,7 +244,9 @@ def run(cfg: RewardConfig) -> Path:
 def load_reward_model(run_dir: str | Path):
     """(RewardConfig, tokenizer, params {"backbone", "head"}, stats dict) of a trained reward run."""
     run_dir = Path(run_dir)
-    common.run_model_config(run_dir)  # a clear error when run_dir is not a run
+    if not (run_dir / "config.yaml").is_file():
+        raise config_lib.ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the directory "
+                                     "of a trained reward run, e.g. --run runs/rm-tiny")
     cfg = config_lib.load(run_dir / "config.yaml", cls=RewardConfig)
     tok = tokenizers.load(run_dir / "tokenizer.json")
     _, backbone = models.abstract(cfg.model)
