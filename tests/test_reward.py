@@ -120,18 +120,20 @@ def test_preference_records_both_formats_ties_and_bad_lines(tmp_path, byte_tok):
              {"prompt": "p", "response_A": "x", "response_B": "y", "preference": "tie"},  # tie
              {"prompt": "p", "chosen": "same", "rejected": "same"},  # tie
              {"prompt": "p", "chosen": "c"},  # missing rejected
-             {"prompt": "p", "response_A": "x", "response_B": "y", "preference": "C"}, "[1, 2"]
+             {"prompt": "p", "response_A": "x", "response_B": "y", "preference": "C"}, "[1, 2",
+             {"prompt": "p", "response_A": "x", "response_B": "y"}]  # no preference
     path = _write(tmp_path / "prefs.jsonl", lines)
     counts = formats.Counts()
     d = reward.RewardDataConfig(seq_len=32)
     pairs = reward.encode_pairs(formats.read_jsonl(path, counts), byte_tok, d, counts)
-    assert pairs["tokens"].shape == (2, 2, 32) and (counts.kept, counts.ties, counts.bad) == (2, 2, 3)
+    assert pairs["tokens"].shape == (2, 2, 32) and (counts.kept, counts.ties, counts.bad) == (2, 2, 4)
     assert counts.first_errors[0] == f"{path}:5: missing field 'rejected'"
     assert counts.first_errors[2].startswith(f"{path}:7: invalid JSON")
     eos = tokenizers.eos_id(byte_tok)
     chosen = pairs["tokens"][1, 0][pairs["mask"][1, 0] == 1]  # preference B: chosen = "yy"
     assert chosen[-1] == eos and byte_tok.decode(chosen.tolist()).endswith("yy")
-    with pytest.raises(DataError, match="3 of 7 records are malformed"):
+    assert counts.first_errors[3] == f"{path}:8: missing field 'preference' (\"A\", \"B\" or \"tie\")"
+    with pytest.raises(DataError, match="4 of 8 records are malformed"):
         counts.check_ratio(0.1, path)
 
 

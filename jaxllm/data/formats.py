@@ -182,8 +182,10 @@ def preference_triple(record) -> tuple[str, str, str] | None:
         chosen, rejected = _text(record, "chosen"), _text(record, "rejected")
     else:
         a, b = _text(record, "response_A"), _text(record, "response_B")
-        pref = record.get("preference")
-        if pref in ("tie", None) or pref == "":
+        if "preference" not in record:
+            raise BadRecord("missing field 'preference' (\"A\", \"B\" or \"tie\")")
+        pref = record["preference"]
+        if pref in ("tie", None):
             return None
         if pref not in ("A", "B"):
             raise BadRecord(f"field 'preference' must be 'A' or 'B', got {pref!r}")
