@@ -80,7 +80,8 @@ def data_cmd(argv: list[str]) -> int:
 
 @command("sft", "supervised fine-tuning on instruction / chat records (default: built-in stdlib set)")
 def sft_cmd(argv: list[str]) -> int:
-    args = _config_parser("sft", "Fine-tune a run on instruction or chat data (loss on responses only).").parse_args(argv)
+    args = _config_parser("sft", "Fine-tune a run on instruction or chat data (loss on responses only).")\
+        .parse_args(argv)
     from jaxllm.stages import sft
 
     if args.help_config:

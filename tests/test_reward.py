@@ -52,7 +52,8 @@ def test_bradley_terry_is_stable_for_large_gaps_and_swap_flips_margin():
     rc, rr = jnp.array([1.0, 2.0, -0.5]), jnp.array([0.0, 2.5, -1.0])
     _, a = losses.bradley_terry(rc, rr)
     _, b = losses.bradley_terry(rr, rc)
-    assert float(a["margin"]) == pytest.approx(-float(b["margin"])) and float(a["accuracy"]) == pytest.approx(1 - float(b["accuracy"]))
+    assert float(a["margin"]) == pytest.approx(-float(b["margin"]))
+    assert float(a["accuracy"]) == pytest.approx(1 - float(b["accuracy"]))
 
 
 def test_last_token_index_for_ragged_lengths_and_either_padding_side():
