@@ -223,3 +223,13 @@ def test_sft_starts_from_a_pretrain_run_and_grows_its_vocab(tmp_path):
     assert cfg.model.vocab_size == -(-(n_tok + 4) // 64) * 64 and params["embed"].shape[0] == cfg.model.vocab_size
     np.testing.assert_array_equal(params["embed"][:512], run_params["embed"])
     np.testing.assert_array_equal(params["layers"]["wq"], run_params["layers"]["wq"])
+
+
+def test_cli_lists_the_stage_defaults(capsys):
+    from jaxllm import cli
+
+    assert cli.main(["sft", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "train.batch_size = 64" in out and "optim.lr = 1e-05" in out and "data.template.end = '<|end|>'" in out
+    assert cli.main(["reward", "--help-config"]) == 0
+    assert "loss.center_coef = 0.0" in capsys.readouterr().out
