@@ -180,8 +180,8 @@ def make_sample(cfg: SFTConfig, tok, conversations: list[list[dict]]):
     for messages in conversations[: cfg.train.num_samples]:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         enc = formats.render(tok, template, messages[:last], add_generation_prompt=True)
-        prompts.append((enc.ids[-(cfg.model.max_seq_len - 1):].tolist(), messages[last - 1]["content"],
-                        messages[last]["content"]))
+        prompt_text = messages[last - 1]["content"] if last else ""
+        prompts.append((enc.ids[-(cfg.model.max_seq_len - 1):].tolist(), prompt_text, messages[last]["content"]))
 
     def sample(params, step: int) -> list[dict]:
         out = []
