@@ -189,3 +189,11 @@ def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
     np.testing.assert_allclose(rows[1]["reward_chosen"], direct, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(rows[1]["reward_chosen_normalized"], (direct - st["mean"]) / st["std"], rtol=1e-4,
                                atol=1e-5)
+    # PPO's plug point: rows without EOS (any padding) score as the EOS-terminated sequence, normalised.
+    body = enc.ids[:-1]
+    tokens = np.zeros((2, 40), np.int32)
+    segment_ids = np.zeros((2, 40), np.int32)
+    tokens[0, : len(body)], segment_ids[0, : len(body)] = body, 1  # right-padded
+    tokens[1, 40 - len(body):], segment_ids[1, 40 - len(body):] = body, 1  # left-padded
+    ppo_scores = reward.ppo_score_fn(run_dir)({"tokens": tokens, "segment_ids": segment_ids})
+    np.testing.assert_allclose(np.asarray(ppo_scores), [(direct - st["mean"]) / st["std"]] * 2, rtol=1e-4, atol=1e-4)

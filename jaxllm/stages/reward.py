@@ -13,7 +13,8 @@ Reward run layout (what PPO reads), runs/<train.name>/:
                       pairs (both sides) at the final step; PPO normalises with (r - mean) / std
   data_report.json, metrics.jsonl
 `load_reward_model(run_dir)` returns (cfg, tokenizer, params, stats); `heads.score(params, cfg.model,
-tokens, mask)` -> raw rewards [B] for rows made by `formats.encode_scored` (any padding side).
+tokens, mask)` -> raw rewards [B] for rows made by `formats.encode_scored` (any padding side);
+`ppo_score_fn(run_dir)` is the `score(batch) -> [B]` that rl/ppo_loop.py takes (EOS appended, normalised).
 """
 
 from __future__ import annotations
@@ -303,3 +304,33 @@ def score_file(run_dir: str | Path, input_path: str | Path, out, *, batch_size: 
     for record in records:
         out.write(json.dumps(record) + "\n")
     return counts
+
+
+def with_eos(tokens: jax.Array, mask: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:
+    """Append EOS after each row's last real token: tokens, mask [B, T] -> [B, T + 1] (one pad column added)."""
+    b = tokens.shape[0]
+    tokens = jnp.concatenate([tokens, jnp.zeros((b, 1), tokens.dtype)], axis=1)  # [B, T+1]
+    mask = jnp.concatenate([(mask != 0).astype(jnp.int32), jnp.zeros((b, 1), jnp.int32)], axis=1)
+    slot = heads.last_token_index(mask) + 1  # [B]
+    rows = jnp.arange(b)
+    return tokens.at[rows, slot].set(eos_id), mask.at[rows, slot].set(1)
+
+
+def ppo_score_fn(run_dir: str | Path, *, normalize: bool = True):
+    """PPO's plug point: score(batch) -> float32 [B] from a reward run.
+
+    batch: tokens, segment_ids [B, T] of rendered prompt + sampled response (the SFT template's
+    `<|user|>...<|end|><|assistant|>\\n` prompt and a response that ends at `<|end|>`); padding anywhere (segment
+    id 0) is skipped. EOS is appended after the last real token, as in training; rewards are normalised with
+    the run's reward_stats.json unless normalize=False.
+    """
+    cfg, tok, params, stats = load_reward_model(run_dir)
+    eos = tokenizers.eos_id(tok)
+    mean, std = (stats["mean"], stats["std"]) if normalize else (0.0, 1.0)
+
+    @jax.jit
+    def score(batch: dict) -> jax.Array:
+        tokens, mask = with_eos(batch["tokens"], batch["segment_ids"], eos)
+        return (heads.score(params, cfg.model, tokens, mask) - mean) / std
+
+    return score
