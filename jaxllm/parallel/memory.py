@@ -10,9 +10,6 @@ from jax.sharding import Mesh
 from jaxllm.config import ModelConfig, head_dim
 from jaxllm.parallel import rules
 
-MiB = 2**20
-
-
 def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, tensor: int = 1) -> int:
     """Estimated bytes of activations kept for the backward pass on one device.
 
@@ -62,12 +59,19 @@ def _memory_stats(device) -> dict:
         return {}
 
 
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
 def format_report(rep: dict) -> str:
-    """One line: 'per device: params 12.0 MiB, opt_state 24.0 MiB, ... (limit 80.0 GiB)'."""
-    parts = [f"{k} {v / MiB:,.1f} MiB" for k, v in rep.items() if k != "device_limit"]
-    line = "memory per device: " + ", ".join(parts)
+    """One line: 'memory per device: params 12.0 MiB, opt_state 24.0 MiB, ... (device limit 80.0 GiB)'."""
+    line = "memory per device: " + ", ".join(f"{k} {human(v)}" for k, v in rep.items() if k != "device_limit")
     if "device_limit" in rep:
-        line += f" (device limit {rep['device_limit'] / MiB:,.0f} MiB"
+        line += f" (device limit {human(rep['device_limit'])}"
         line += "; may not fit)" if rep["total"] > rep["device_limit"] else ")"
     return line
 
