@@ -239,3 +239,12 @@ def test_cli_pretrain_on_8_devices_then_resume_on_another_mesh(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["split"] == "train"] == [2, 3, 4, 6]
     assert "resuming from step 3" in res.stdout + res.stderr
+
+
+def test_distributed_without_cluster_is_a_one_line_error():
+    code = ("from jaxllm.config import ClusterConfig, ConfigError\nfrom jaxllm.parallel import mesh\n"
+            "try:\n    mesh.initialize_distributed(ClusterConfig())\nexcept ConfigError as e:\n    print('ERR', e)\n")
+    env = {k: v for k, v in _env(1).items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "ERR jax.distributed.initialize() failed" in res.stdout and "cluster.coordinator_address" in res.stdout, \
+        res.stdout + res.stderr[-2000:]
