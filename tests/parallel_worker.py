@@ -44,7 +44,8 @@ def batches(cfg: Config, n: int) -> list[dict]:
         seg = np.where(np.arange(t) < cut, 1, 2).astype(np.int32)
         pos = np.where(np.arange(t) < cut, np.arange(t), np.arange(t) - cut).astype(np.int32)
         out.append({"tokens": rng.randint(0, cfg.model.vocab_size, (b, t)).astype(np.int32),
-                    "positions": np.broadcast_to(pos, (b, t)).copy(), "segment_ids": np.broadcast_to(seg, (b, t)).copy(),
+                    "positions": np.broadcast_to(pos, (b, t)).copy(),
+                    "segment_ids": np.broadcast_to(seg, (b, t)).copy(),
                     "loss_mask": np.ones((b, t), np.int32)})
     return out
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxllm import config as config_lib, losses, models, optim
+from jaxllm import checkpoint, config as config_lib, losses, models, optim
 from jaxllm.config import Config
 from jaxllm.data import corpus, pipeline, shards, tokenizer as tokenizers
 from jaxllm.models import transformer
@@ -138,6 +138,14 @@ def setup_mesh(cfg: Config):
     return mesh
 
 
+def _has_checkpoint(run_dir: Path, keep: int) -> bool:
+    mgr = checkpoint.manager(run_dir / "checkpoints", keep=keep, use_async=False)
+    try:
+        return mgr.latest_step() is not None
+    finally:
+        mgr.close()
+
+
 def run(cfg: Config) -> Path:
     """Train (or resume) runs/<train.name> on the mesh of cfg.mesh; returns the run directory."""
     mesh = setup_mesh(cfg)
@@ -150,7 +158,10 @@ def run(cfg: Config) -> Path:
     make, abstract, shardings = plan_state(cfg, optimizer, mesh)
     memory.log_report(memory.report(abstract, shardings, mesh, cfg.model, batch_size=cfg.train.batch_size,
                                     seq_len=cfg.data.seq_len, accum_steps=cfg.optim.accum_steps), log)
-    state = rules.init_sharded(make, shardings)
+    if _has_checkpoint(run_dir, cfg.checkpoint.keep):  # the loop restores onto these shardings: skip a throw-away init
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    else:
+        state = rules.init_sharded(make, shardings)
     log.info("model: %.2fM parameters; %d training rows of %d tokens%s", models.count_params(state.params) / 1e6,
              len(train_rows), cfg.data.seq_len, " (resuming)" if resuming else "")
     train_step = step_lib.make_train_step(partial(loss_fn, cfg=cfg), optimizer, accum_steps=cfg.optim.accum_steps,
