@@ -92,6 +92,16 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Explicit jax.distributed arguments; empty / 0 / -1 = auto-detect (TPU pod, SLURM, Open MPI)."""
+
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
+    cpu_collectives: str = "gloo"  # CPU backend's cross-process collectives (gloo | mpi)
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100
     keep: int = 2
@@ -106,6 +116,8 @@ class Config:
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: bool = False  # call jax.distributed.initialize (multi-host); see cluster.*
+    cluster: ClusterConfig = ClusterConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,6 +129,7 @@ _CHOICES = {
     "model.attention_impl": ("auto", "xla", "cudnn", "pallas"),
     "data.source": ("builtin", "shards"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "cluster.cpu_collectives": ("gloo", "mpi"),
 }
 _POSITIVE = (
     "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
@@ -162,9 +175,26 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
     if not 0.0 < cfg.data.heldout_fraction < 0.5:
         raise ConfigError(f"data.heldout_fraction={cfg.data.heldout_fraction} must be in (0, 0.5)")
+    _validate_mesh(cfg)
     if cfg.data.source == "shards" and not cfg.data.path:
         raise ConfigError("data.source=shards needs data.path=<directory built by `jaxllm data build`>")
     return cfg
+
+
+def _validate_mesh(cfg: Config) -> None:
+    """Mesh sizes are > 0 or -1 (one of them); cluster.* only with distributed=true."""
+    sizes = {f"mesh.{k}": v for k, v in dataclasses.asdict(cfg.mesh).items()}
+    for key, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"{key}={v} must be a positive size or -1 (fill the remaining devices)")
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError(f"only one mesh axis may be -1 (got {', '.join(k for k, v in sizes.items() if v == -1)})")
+    c = cfg.cluster
+    if not cfg.distributed and (c.coordinator_address or c.num_processes or c.process_id >= 0):
+        raise ConfigError("cluster.* is set but distributed=false; add distributed=true to start jax.distributed")
+    if c.num_processes < 0 or (c.num_processes and not 0 <= c.process_id < c.num_processes):
+        raise ConfigError(f"cluster.process_id={c.process_id} must be in [0, cluster.num_processes="
+                          f"{c.num_processes})")
 
 
 # ---------------------------------------------------------------------------------------------------------

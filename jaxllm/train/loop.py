@@ -94,7 +94,9 @@ def _stop_on_signal():
 def restore_or_start(mgr, state: TrainState, hooks: Hooks, log: Callable[[str], None]) -> TrainState:
     if mgr.latest_step() is None:
         return state
-    abstract = jax.eval_shape(lambda: state_lib.as_dict(state))
+    # Restore onto the current state's shardings (whatever mesh or device count this run has).
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state_lib.as_dict(state))
     restored, data_state, meta = checkpoint.restore(mgr, abstract)
     if hooks.data_fingerprint and meta.get("data_fingerprint") not in (None, hooks.data_fingerprint):
         raise checkpoint.CheckpointError(
@@ -112,8 +114,11 @@ def fit(*, run_dir: Path, state: TrainState, hooks: Hooks, steps: int, ckpt_cfg,
     mgr = checkpoint.manager(run_dir / "checkpoints", keep=ckpt_cfg.keep, use_async=ckpt_cfg.use_async)
     state = restore_or_start(mgr, state, hooks, print)
     start = int(state.step)
-    _trim_metrics(run_dir, start)
-    runlog = RunLog(run_dir, total=steps, initial=start, progress=train_cfg.progress)
+    # Several hosts: process 0 owns run_dir's logs; the others log under run_dir/hosts/<index>.
+    log_dir = run_dir if jax.process_index() == 0 else run_dir / "hosts" / str(jax.process_index())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _trim_metrics(log_dir, start)
+    runlog = RunLog(log_dir, total=steps, initial=start, progress=train_cfg.progress and jax.process_index() == 0)
     meta = {"data_fingerprint": hooks.data_fingerprint}
 
     def save(step: int, force: bool = False) -> None:
@@ -144,7 +149,7 @@ def fit(*, run_dir: Path, state: TrainState, hooks: Hooks, steps: int, ckpt_cfg,
                     runlog.say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in ev.items()))
                 if hooks.sample and ((train_cfg.sample_every and step % train_cfg.sample_every == 0)
                                      or step == steps):
-                    _write_samples(run_dir, runlog, step, hooks.sample(state.params, step))
+                    _write_samples(log_dir, runlog, step, hooks.sample(state.params, step))
                 if due:
                     save(step)
                 if flag["stop"]:

@@ -49,8 +49,13 @@ def _weighted_grads(loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array, a
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
-                    lr_schedule: optax.Schedule | None = None, donate: bool = True):
-    """Jitted `train_step(state, batch) -> (state, metrics)`; the state is donated."""
+                    lr_schedule: optax.Schedule | None = None, donate: bool = True,
+                    state_shardings: Any = None, batch_sharding: Any = None):
+    """Jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
+
+    With `state_shardings` (a TrainState of NamedShardings, see parallel.rules.state_shardings) the new
+    state keeps exactly that layout step after step; `batch_sharding` applies to every batch array.
+    """
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -62,4 +67,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             metrics["lr"] = lr_schedule(state.step)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnums=donate_argnums)
+    mesh = jax.tree.leaves(state_shardings)[0].mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    kwargs = {"in_shardings": (state_shardings, batch_sharding)} if batch_sharding is not None else {}
+    return jax.jit(train_step, donate_argnums=donate_argnums, out_shardings=(state_shardings, replicated), **kwargs)
