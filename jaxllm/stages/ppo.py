@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import config as config_lib, models, optim, runs
-from jaxllm.config import CheckpointConfig, ConfigError, ModelConfig, OptimConfig, TrainConfig
+from jaxllm.config import CheckpointConfig, ConfigError, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxllm.data import formats, instructions, tokenizer as tokenizers
 from jaxllm.data.pipeline import DataError
 from jaxllm.logging import RunLog
 from jaxllm.models import heads
+from jaxllm.parallel import mesh as mesh_lib, rules
 from jaxllm.rl import ppo, ppo_loop, rewards, sampling, textgen
 from jaxllm.rl.ppo import PPOConfig
 from jaxllm.stages import common, reward as reward_stage, sft
@@ -86,6 +87,7 @@ class PPOStageConfig:
     # per iteration; sample_every in iterations
     train: TrainConfig = TrainConfig(name="ppo", steps=100, batch_size=16, sample_every=10, num_samples=3)
     checkpoint: CheckpointConfig = CheckpointConfig(every=10)
+    mesh: MeshConfig = MeshConfig()  # params sharded by the rules table, rollouts and minibatches by batch
     model: ModelConfig = ModelConfig()  # filled from policy.run (ignored on input)
 
 
@@ -210,6 +212,20 @@ def make_critic(cfg: PPOStageConfig, model_cfg: ModelConfig, policy_params, rm):
     return heads.on_policy(model_cfg, cfg.train.seed + 7), model_cfg
 
 
+def place(tree, axes_tree, mesh):
+    """tree's arrays on the mesh by their logical axes (models.logical_axes / heads.logical_axes)."""
+    shardings = rules.logical_shardings(axes_tree, tree, mesh)
+    return jax.tree.map(jax.device_put, tree, shardings)
+
+
+def shard_models(policy_params, critic, model_cfg: ModelConfig, critic_model: ModelConfig, mesh):
+    """(policy, critic) placed on the mesh; the reference is the policy's placed copy."""
+    policy_params = place(policy_params, models.logical_axes(model_cfg), mesh)
+    with_backbone = not ppo.shares_policy_backbone(critic)
+    critic = place(critic, heads.logical_axes(critic_model, with_backbone=with_backbone), mesh)
+    return policy_params, critic
+
+
 def optimizer_steps(cfg: PPOStageConfig) -> int:
     return cfg.train.steps * cfg.ppo.epochs * (cfg.train.batch_size // cfg.ppo.minibatch_size)
 
@@ -270,11 +286,14 @@ def setup(cfg: PPOStageConfig):
     prompts, prompt_mask, _ = encode_prompts(prompt_texts(cfg.data), tok, template, model_cfg, cfg.data, s)
     score, rm = make_score(cfg, tok)
     critic, critic_model = make_critic(cfg, model_cfg, policy_params, rm)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_batch(mesh, cfg.ppo.minibatch_size, cfg.ppo.accum_steps)
+    policy_params, critic = shard_models(policy_params, critic, model_cfg, critic_model, mesh)
     n_opt = optimizer_steps(cfg)
     opt_p, opt_v = optim.adamw(cfg.policy_optim, n_opt), optim.adamw(cfg.critic_optim, n_opt)
     state = ppo.create_state(policy_params, critic, opt_p, opt_v, cfg.ppo, cfg.train.seed)
     pieces = {
-        "prompts": prompts, "prompt_mask": prompt_mask, "score": score, "eos_id": eos_id,
+        "prompts": prompts, "prompt_mask": prompt_mask, "score": score, "eos_id": eos_id, "mesh": mesh,
         "generate": make_generate(model_cfg, s),
         "forward": ppo_loop.make_rollout_forward(cfg.ppo, policy_model=model_cfg, value_model=critic_model),
         "update": ppo.make_ppo_update(cfg.ppo, policy_model=model_cfg, value_model=critic_model,
@@ -304,11 +323,12 @@ def run(cfg: PPOStageConfig) -> Path:
         runlog.say(f"resuming {run_dir} at iteration {start}")
     stop = min(cfg.train.stop_at, cfg.train.steps) if cfg.train.stop_at else cfg.train.steps
     try:
-        ppo_loop.train(state, ref_params, pieces["prompts"], pieces["prompt_mask"], iterations=stop,
-                       batch_size=cfg.train.batch_size, seed=cfg.train.seed, generate=pieces["generate"],
-                       score=pieces["score"], forward=pieces["forward"], update=pieces["update"], cfg=cfg.ppo,
-                       eos_id=pieces["eos_id"], run_dir=run_dir, every=cfg.checkpoint.every,
-                       log=make_logger(run_dir, runlog, cfg, tok))
+        with jax.set_mesh(pieces["mesh"]):
+            ppo_loop.train(state, ref_params, pieces["prompts"], pieces["prompt_mask"], iterations=stop,
+                           batch_size=cfg.train.batch_size, seed=cfg.train.seed, generate=pieces["generate"],
+                           score=pieces["score"], forward=pieces["forward"], update=pieces["update"], cfg=cfg.ppo,
+                           eos_id=pieces["eos_id"], run_dir=run_dir, every=cfg.checkpoint.every,
+                           log=make_logger(run_dir, runlog, cfg, tok))
     finally:
         runlog.close()
     return run_dir
