@@ -112,7 +112,7 @@ def test_config_errors_name_the_key(overrides, match):
 def test_cli_reports_a_missing_run_in_one_line(tmp_path, capsys):
     assert cli.main(["ppo", f"policy.run={tmp_path}/nope", "reward.fn=m:f"]) == 1
     err = capsys.readouterr().err.strip()
-    assert "not a run directory" in err and len(err.splitlines()) == 1
+    assert "policy.run=" in err and "not a run directory" in err and len(err.splitlines()) == 1
 
 
 def test_bad_reward_fn_is_a_config_error(sft_run):

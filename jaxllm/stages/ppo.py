@@ -179,9 +179,16 @@ def make_generate(model_cfg: ModelConfig, s: sampling.SamplingConfig):
 
 def load_policy(run_dir: str):
     """(model_cfg, tokenizer, params, chat template) of the SFT run."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"policy.run={run_dir} is not a run directory (no config.yaml); pass the directory of "
+                          "a trained SFT run, e.g. policy.run=runs/sft-tiny")
     model_cfg = common.run_model_config(run_dir)
-    saved = sft.load(Path(run_dir) / "config.yaml") if (Path(run_dir) / "config.yaml").is_file() else None
-    template = saved.data.template if saved is not None else formats.ChatTemplate()
+    try:
+        template = sft.load(path).data.template
+    except ConfigError:  # not an SFT run (e.g. a pre-training run): its tokenizer has no chat tokens
+        log.warning("policy.run=%s is not an SFT run; rendering prompts with the default chat template", run_dir)
+        template = formats.ChatTemplate()
     tok = runs.load_tokenizer(run_dir)
     params, step = runs.load_params(run_dir, model_cfg)
     log.info("policy and reference from %s (step %d)", run_dir, step)
