@@ -122,6 +122,34 @@ def reward_cmd(argv: list[str]) -> int:
     return 0
 
 
+@command("ppo", "RLHF with PPO from an SFT run and a reward run or a reward function (see docs/ppo.md)")
+def ppo_cmd(argv: list[str]) -> int:
+    args = _config_parser("ppo", "PPO on a policy (policy.run=<sft run>) with reward.run=<reward run> or "
+                                 "reward.fn=module:function.").parse_args(argv)
+    from jaxllm.stages import ppo
+
+    if args.help_config:
+        _print_keys(ppo.PPOStageConfig)
+        return 0
+    run_dir = ppo.run(ppo.load(args.config, args.overrides))
+    print(f"done: {run_dir}")
+    return 0
+
+
+@command("pipeline", "pretrain -> SFT -> reward model -> PPO with tiny configs on the built-in data (CPU)")
+def pipeline_cmd(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm pipeline", description="Run every stage with tiny settings; "
+                                     "each stage starts from the previous one; a finished stage is skipped.")
+    parser.add_argument("--name", default="pipeline", help="run-name prefix: runs/<name>-pretrain, ...")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--size", default="tiny", choices=("tiny", "smoke"), help="smoke: seconds, for tests")
+    args = parser.parse_args(argv)
+    from jaxllm.stages import pipeline
+
+    pipeline.run(args.name, args.runs_dir, size=args.size)
+    return 0
+
+
 @command("generate", "sample continuations from a trained run (KV cache; JSONL in, JSONL out)")
 def generate_cmd(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm generate", description="Sample from a trained run.")

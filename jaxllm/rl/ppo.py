@@ -20,7 +20,7 @@ from flax import struct
 from jaxllm import losses
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.models import heads, transformer
-from jaxllm.train.step import _weighted_grads as weighted_grads  # token-weighted accumulation
+from jaxllm.train.step import weighted_grads  # token-weighted accumulation (exact)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from jaxllm.train.state import TrainState
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def _weighted_grads(loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array, accum_steps: int):
+def weighted_grads(loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array, accum_steps: int):
     """Gradients and metrics averaged over microbatches with each weighted by metrics["weight"].
 
     Equal to one step on the whole batch: sum_i w_i * grad(mean_i) / sum_i w_i = grad(total mean).
@@ -59,7 +59,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        grads, metrics = _weighted_grads(loss_fn, state.params, batch, rng, accum_steps)
+        grads, metrics = weighted_grads(loss_fn, state.params, batch, rng, accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -74,3 +74,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     kwargs = {"in_shardings": (state_shardings, batch_sharding)} if batch_sharding is not None else {}
     return jax.jit(train_step, donate_argnums=donate_argnums, out_shardings=(state_shardings, replicated), **kwargs)
+
+
+_weighted_grads = weighted_grads  # the old private name, kept for callers written against it
