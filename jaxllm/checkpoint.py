@@ -69,13 +69,15 @@ def restore(mgr: ocp.CheckpointManager, abstract_state: Any, *, step: int | None
     return state, out.get("data") if "data" in args else None, out["meta"]
 
 
-def restore_params(directory: str | Path, abstract_params: Any, *, step: int | None = None) -> tuple[Any, int]:
-    """Only the parameters of the latest (or given) checkpoint, onto abstract_params' shapes/shardings."""
+def restore_params(directory: str | Path, abstract_params: Any, *, step: int | None = None,
+                   key: str = "params") -> tuple[Any, int]:
+    """Only the parameters (the state's `key` entry) of the latest (or given) checkpoint, onto
+    abstract_params' shapes/shardings."""
     mgr = ocp.CheckpointManager(Path(directory).absolute())
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {directory}; train the run first")
-    item = {"params": abstract_params}
+    item = {key: abstract_params}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or default, dtype=x.dtype), item)
@@ -87,7 +89,9 @@ def restore_params(directory: str | Path, abstract_params: Any, *, step: int | N
                               f"{str(e).splitlines()[0][:300]}") from None
     finally:
         mgr.close()
-    params = out["state"]["params"]
+    params = out["state"][key]
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):  # partial restore found no such entry
+        raise CheckpointError(f"checkpoint {directory}/{step} has no '{key}' entry (or not all of it)")
     problem = _shape_mismatch(abstract_params, params)
     if problem:
         raise CheckpointError(f"checkpoint {directory}/{step} does not match the model config ({problem})")

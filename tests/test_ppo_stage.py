@@ -93,6 +93,18 @@ def test_cli_ppo_with_reward_fn_and_exact_resume(sft_run, capsys):
     assert int(a.step) == int(b.step) == 2
     for x, y in zip(jax.tree.leaves(ppo_loop.state_dict(a)), jax.tree.leaves(ppo_loop.state_dict(b))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # the trained policy of a PPO run (and the SFT run) can be sampled with `jaxllm generate`
+    from jaxllm import runs
+
+    policy, step = runs.load_params(run_dir / "straight", runs.model_config(run_dir / "straight"))
+    assert step == 2
+    flat_a = dict(jax.tree_util.tree_flatten_with_path(a.policy_params)[0])
+    for path, x in jax.tree_util.tree_flatten_with_path(policy)[0]:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_a[path]), err_msg=jax.tree_util.keystr(path))
+    for run in (run_dir / "straight", sft_run):
+        capsys.readouterr()
+        assert cli.main(["generate", "--run", str(run), "--prompt", "Summarise", "--max-new-tokens", "3"]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["prompt"] == "Summarise"
 
 
 @pytest.mark.parametrize("overrides, match", [

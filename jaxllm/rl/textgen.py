@@ -52,10 +52,10 @@ def generate_texts(run_dir: str | Path, prompts: Sequence[str], config: sampling
     (the sum of the returned per-token log-probabilities), step (the checkpoint's)."""
     if batch_size < 1:
         raise DataError(f"--batch-size={batch_size} must be >= 1")
-    cfg = runs.load_config(run_dir)
+    model_cfg = runs.model_config(run_dir)  # any stage's run: pretrain, SFT, reward's backbone, PPO's policy
     tok = runs.load_tokenizer(run_dir)
-    graphdef, _ = models.abstract(cfg.model)
-    params, step = runs.load_params(run_dir, cfg.model)
+    graphdef, _ = models.abstract(model_cfg)
+    params, step = runs.load_params(run_dir, model_cfg)
     stop = (tokenizers.eos_id(tok),)
     config = dataclasses.replace(config, stop_tokens=config.stop_tokens or stop, pad_id=tokenizers.pad_id(tok))
     ids = [tok.encode(p).ids for p in prompts]

@@ -32,12 +32,7 @@ class InitConfig:
 
 def run_model_config(run_dir: str | Path) -> ModelConfig:
     """The model section of any stage's run directory (pretrain, SFT, reward)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise config_lib.ConfigError(f"init.run={run_dir} is not a run directory (no config.yaml); "
-                                     "pass init.run=runs/<name> of a trained run")
-    saved = yaml.safe_load(path.read_text()) or {}
-    return config_lib.from_dict(ModelConfig, saved.get("model", {}), prefix="model.", where=f" in {path}")
+    return runs.model_config(run_dir, what="init.run")
 
 
 def grow_vocab(params: dict, model_cfg: ModelConfig, new_vocab: int) -> dict:
