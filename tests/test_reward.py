@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tempfile
@@ -142,11 +143,32 @@ def test_builtin_preference_set_is_deterministic_with_near_misses():
     a_train, a_held = instructions.preference_records(0.2, max_modules=12)
     b_train, b_held = instructions.preference_records(0.2, max_modules=12)
     assert a_train == b_train and a_held == b_held and a_train and a_held
-    held_modules = {w.split(":")[1].rsplit(".", 1)[0] for w, _ in a_held}
-    assert not held_modules & {w.split(":")[1].rsplit(".", 1)[0] for w, _ in a_train}  # split by module
-    summaries = {r["chosen"] for _, r in a_train + a_held}
-    for _, r in a_train + a_held:
-        assert r["chosen"] != r["rejected"] and r["rejected"] in summaries  # another function's line
+    module = {w: w.split(":")[1].rsplit(".", 1)[0] for w, _ in a_train + a_held}
+    held_modules = {module[w] for w, _ in a_held}
+    assert not held_modules & {module[w] for w, _ in a_train}  # split by module
+    line_module = {r["chosen"]: module[w] for w, r in a_train + a_held}
+    for w, r in a_train + a_held:
+        assert r["chosen"] != r["rejected"] and line_module[r["rejected"]] == module[w]  # same module's line
+    # Each line is rejected exactly as often as it is chosen: a line alone says nothing about the label.
+    chosen = sorted(r["chosen"] for _, r in a_train + a_held)
+    assert sorted(r["rejected"] for _, r in a_train + a_held) == chosen
+
+
+def test_near_misses_minimise_name_overlap_like_brute_force():
+    fns = [{"function": f, "signature": sig, "summary": line} for f, sig, line in [
+        ("isleap", "year", "Return True for leap years."), ("leapdays", "y1, y2", "Number of leap days."),
+        ("weekday", "year, month, day", "Return the weekday of a day."), ("monthrange", "year, month", "Return the "
+         "weekday and length of a month."), ("timegm", "tuple", "Unix timestamp from a time tuple."),
+        ("same", "x", "Unix timestamp from a time tuple.")]]
+    idx = list(range(len(fns)))
+    miss = instructions.near_misses(fns, idx)
+    assert sorted(miss.values()) == sorted(miss) == idx  # a permutation of the module's functions
+    assert all(fns[i]["summary"] != fns[j]["summary"] for i, j in miss.items())
+    cost = lambda perm: sum(instructions.name_overlap(fns[i], fns[j]["summary"]) for i, j in enumerate(perm))
+    valid = [p for p in itertools.permutations(idx) if all(fns[i]["summary"] != fns[j]["summary"]
+                                                           for i, j in enumerate(p))]
+    assert cost([miss[i] for i in idx]) == min(cost(p) for p in valid)  # oracle: every valid permutation
+    assert instructions.name_overlap(fns[0], "Leap years, a YEAR") == 2 and instructions.near_misses(fns, [3]) == {}
 
 
 def test_bad_config_and_missing_run_are_one_line_errors(tmp_path):
