@@ -164,6 +164,17 @@ def test_builtin_preference_set_is_deterministic_with_near_misses():
     assert {w: line_module[rej] for w, _, rej in two} == {w: module[w] for w, _, _ in two}
 
 
+def test_builtin_held_out_pairs_are_learnable_from_the_prompt():
+    """A rule that reads the prompt (words of the line inside the function's name) beats chance on held-out
+    modules: measured 0.875 on 184 pairs (heldout_fraction 0.1, Python 3.12); with the old next-function near
+    miss it was 0.72. Chance = 0.5 (each line is chosen once and rejected once)."""
+    _, held = instructions.preference_records(0.1)
+    fn = lambda r: {"function": r["prompt"].split("`")[1].split("(", 1)[0], "signature": r["prompt"].split("(", 1)[1]}
+    wins = [np.sign(instructions.name_overlap(fn(r), r["chosen"]) - instructions.name_overlap(fn(r), r["rejected"]))
+            for _, r in held]
+    assert len(held) >= 100 and np.mean(np.array(wins) / 2 + 0.5) >= 0.8
+
+
 def test_near_misses_minimise_name_overlap_like_brute_force():
     fns = [{"function": f, "signature": sig, "summary": line} for f, sig, line in [
         ("isleap", "year", "Return True for leap years."), ("leapdays", "y1, y2", "Number of leap days."),
