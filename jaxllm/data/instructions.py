@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import sys
 import sysconfig
 from pathlib import Path
+
+import numpy as np
+from scipy import optimize
 
 from jaxllm.data import sources, tokenizer as tokenizers
 from jaxllm.data.pipeline import fingerprint
@@ -91,27 +95,55 @@ def sft_records(heldout_fraction: float, max_modules: int = 0) -> tuple[list, li
     return train, held
 
 
-def preference_records(heldout_fraction: float, max_modules: int = 0) -> tuple[list, list]:
-    """(train, held-out) lists of (where, {"prompt", "chosen", "rejected"}), deterministic."""
+def preference_records(heldout_fraction: float, max_modules: int = 0, rounds: int = 1) -> tuple[list, list]:
+    """(train, held-out) lists of (where, {"prompt", "chosen", "rejected"}), deterministic.
+
+    Each function gets up to `rounds` pairs, each with a different near miss (see near_misses); functions of
+    modules with a single function get none."""
     fns = stdlib_functions(max_modules)
     by_module: dict[str, list[int]] = {}
     for i, fn in enumerate(fns):
         by_module.setdefault(fn["module"], []).append(i)
+    misses: dict[int, list[int]] = {}
+    for same_module in by_module.values():
+        used: set[tuple[int, int]] = set()
+        for _ in range(rounds):
+            found = near_misses(fns, same_module, used)
+            used.update(found.items())
+            for i, j in found.items():
+                misses.setdefault(i, []).append(j)
     train, held = [], []
     for i, fn in enumerate(fns):
-        miss = _near_miss(fns, i, by_module[fn["module"]])
-        if miss is None:
-            continue
-        rec = {"prompt": instruction(fn), "chosen": fn["summary"], "rejected": miss}
-        where = f"builtin:{fn['module']}.{fn['function']}"
-        (held if sources.is_heldout(fn["module"], heldout_fraction) else train).append((where, rec))
+        for j in misses.get(i, []):
+            rec = {"prompt": instruction(fn), "chosen": fn["summary"], "rejected": fns[j]["summary"]}
+            where = f"builtin:{fn['module']}.{fn['function']}"
+            (held if sources.is_heldout(fn["module"], heldout_fraction) else train).append((where, rec))
     return train, held
 
 
-def _near_miss(fns: list[dict], i: int, same_module: list[int]) -> str | None:
-    """The first line of a neighbouring function (same module first) whose line differs from fns[i]'s."""
-    order = sorted((j for j in same_module if j != i), key=lambda j: (j - i) % len(fns)) + [i + 1, i - 1]
-    for j in order:
-        if 0 <= j < len(fns) and fns[j]["summary"] != fns[i]["summary"]:
-            return fns[j]["summary"]
-    return None
+def name_overlap(fn: dict, line: str) -> int:
+    """How many distinct words (3+ letters) of `line` occur inside fn's name or signature (lower case)."""
+    key = f"{fn['function']} {fn['signature']}".lower()
+    return sum(1 for w in set(re.findall(r"[a-z]{3,}", line.lower())) if w in key)
+
+
+def near_misses(fns: list[dict], same_module: list[int], used: set = frozenset()) -> dict[int, int]:
+    """{i: j}: function i of a module gets the line of function j != i of the same module as its near miss.
+
+    A permutation (each line is rejected exactly once, as it is chosen once, so a line alone says nothing
+    about the label) that minimises how many of the rejected line's words occur in i's name and signature,
+    ties broken by the nearest next function in source order. So the right line is the one that fits the
+    named function, and the rejected one is still a real docstring of the same module. Pairs (i, j) in
+    `used`, and lines equal to i's own, are never chosen; when no full permutation avoids them, the functions
+    left without one get no near miss."""
+    n = len(same_module)
+    if n < 2:
+        return {}
+    big = 1e9
+    cost = np.full((n, n), big)
+    for p, i in enumerate(same_module):
+        for q, j in enumerate(same_module):
+            if p != q and fns[i]["summary"] != fns[j]["summary"] and (i, j) not in used:
+                cost[p, q] = name_overlap(fns[i], fns[j]["summary"]) * n + (q - p) % n
+    rows, cols = optimize.linear_sum_assignment(cost)
+    return {same_module[p]: same_module[q] for p, q in zip(rows, cols) if cost[p, q] < big}

@@ -73,19 +73,39 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask != 0, axis=1) - 1, 0).astype(jnp.int32)
 
 
+POOLINGS = ("last", "mean")
+
+
 def hidden_at_last(backbone: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """float32 [B, D]: the backbone's final hidden state at each row's last real token."""
+    hidden = _hidden(backbone, cfg, tokens, mask)  # [B, T, D]
+    last = last_token_index(mask)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+
+
+def hidden_mean(backbone: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 [B, D]: the mean of the backbone's final hidden states over each row's real tokens."""
+    hidden = _hidden(backbone, cfg, tokens, mask)  # [B, T, D]
+    real = (mask != 0).astype(jnp.float32)  # [B, T]
+    return jnp.einsum("btd,bt->bd", hidden, real) / jnp.maximum(real.sum(axis=1), 1.0)[:, None]
+
+
+def _hidden(backbone: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     segment_ids = (mask != 0).astype(jnp.int32)
     hidden = transformer.hidden_states(backbone, cfg, tokens, positions_from_mask(mask), segment_ids)  # [B, T, D]
-    last = last_token_index(mask)
-    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [B, D]
+    return hidden.astype(jnp.float32)
 
 
-def score(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+def score(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, pooling: str = "last") -> jax.Array:
     """Rewards [B] float32 (raw, not normalised). tokens: [B, T] int32; mask: [B, T] (1 = real token).
 
-    Pure and jittable (`jax.jit(score, static_argnums=1)`). Each row is one sequence (prompt + response +
-    EOS, see data/formats.encode_scored); it may be left- or right-padded.
+    Pure and jittable (`jax.jit(score, static_argnums=(1, 4))`). Each row is one sequence (prompt + response +
+    EOS, see data/formats.encode_scored); it may be left- or right-padded. pooling: "last" scores the hidden
+    state at the last real token (EOS); "mean" scores the mean hidden state over the real tokens (the same as
+    the mean of per-token scores). Use the pooling the reward run was trained with (RewardConfig.pooling).
     """
-    h = hidden_at_last(params["backbone"], cfg, tokens, mask)  # [B, D]
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS}")
+    pool = hidden_mean if pooling == "mean" else hidden_at_last
+    h = pool(params["backbone"], cfg, tokens, mask)  # [B, D]
     return h @ params["head"]["w"] + params["head"]["b"]

@@ -2,7 +2,8 @@
 Bradley-Terry loss on preference pairs; reports held-out accuracy (chosen scored above rejected).
 
 Each side of a pair is scored as one sequence: the chat template's user turn (prompt), assistant turn
-(response) and EOS; the reward is the head on the hidden state at that last token (models/heads.py). Both
+(response) and EOS; the reward is the head on the mean final hidden state over its tokens (pooling=mean,
+the default) or on the hidden state at that last token (pooling=last), models/heads.py. Both
 sides of every pair are in the same batch: tokens and mask [B, 2, T], side 0 chosen, side 1 rejected.
 
 Reward run layout (what PPO reads), runs/<train.name>/:
@@ -13,7 +14,7 @@ Reward run layout (what PPO reads), runs/<train.name>/:
                       pairs (both sides) at the final step; PPO normalises with (r - mean) / std
   data_report.json, metrics.jsonl
 `load_reward_model(run_dir)` returns (cfg, tokenizer, params, stats); `heads.score(params, cfg.model,
-tokens, mask)` -> raw rewards [B] for rows made by `formats.encode_scored` (any padding side);
+tokens, mask, cfg.pooling)` -> raw rewards [B] for rows made by `formats.encode_scored` (any padding side);
 `ppo_score_fn(run_dir)` is the `score(batch) -> [B]` that rl/ppo_loop.py takes (EOS appended, normalised).
 """
 
@@ -52,6 +53,7 @@ class RewardDataConfig:
     max_bad_ratio: float = 0.05
     epochs: float = 1.0  # used when train.steps = 0
     max_modules: int = 0
+    near_misses: int = 1  # builtin: pairs per instruction, each with another same-module near miss
     tokenizer: str = "builtin"  # only without init.run
     max_documents: int = 0
     template: formats.ChatTemplate = formats.ChatTemplate()
@@ -73,14 +75,21 @@ class RewardConfig:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     init: common.InitConfig = common.InitConfig()
+    # mean: the head on the mean final hidden state over the sequence's real tokens (learns the built-in set
+    # from a tiny model, see docs/sft_reward.md); last: on the hidden state at the final EOS token.
+    pooling: str = "mean"
 
 
 def validate(cfg: RewardConfig) -> RewardConfig:
     as_sft = sft.SFTConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, init=cfg.init, data=sft.SFTDataConfig(
-        **{f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(RewardDataConfig)}))
+        **{f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(RewardDataConfig) if f.name != "near_misses"}))
     sft.validate(as_sft)
     if cfg.loss.margin < 0 or cfg.loss.center_coef < 0:
         raise config_lib.ConfigError("loss.margin and loss.center_coef must be >= 0")
+    if cfg.data.near_misses < 1:
+        raise config_lib.ConfigError(f"data.near_misses={cfg.data.near_misses} must be >= 1")
+    if cfg.pooling not in heads.POOLINGS:
+        raise config_lib.ConfigError(f"pooling={cfg.pooling!r} is not one of {', '.join(heads.POOLINGS)}")
     return cfg
 
 
@@ -94,7 +103,7 @@ def load(path=None, overrides=()) -> RewardConfig:
 
 def _records(d: RewardDataConfig, counts: formats.Counts):
     if d.path == "builtin":
-        train, held = instructions.preference_records(d.heldout_fraction, d.max_modules)
+        train, held = instructions.preference_records(d.heldout_fraction, d.max_modules, d.near_misses)
         counts.records += len(train) + len(held)
         return train, held
     rows = list(formats.read_jsonl(d.path, counts))
@@ -150,23 +159,24 @@ def load_data(cfg: RewardConfig, tok):
 # The stage.
 
 
-def pair_rewards(params, model_cfg: ModelConfig, batch: dict) -> tuple[jax.Array, jax.Array]:
+def pair_rewards(params, model_cfg: ModelConfig, batch: dict, pooling: str = "mean") -> tuple[jax.Array, jax.Array]:
     """(r_chosen [B], r_rejected [B]) from one forward over both sides. batch: tokens, mask [B, 2, T]."""
     b, _, t = batch["tokens"].shape
-    rewards = heads.score(params, model_cfg, batch["tokens"].reshape(2 * b, t), batch["mask"].reshape(2 * b, t))
+    rewards = heads.score(params, model_cfg, batch["tokens"].reshape(2 * b, t), batch["mask"].reshape(2 * b, t),
+                          pooling)
     rewards = rewards.reshape(b, 2)  # [B, 2]
     return rewards[:, 0], rewards[:, 1]
 
 
 def loss_fn(params, batch, rng, *, cfg: RewardConfig):
     del rng
-    r_chosen, r_rejected = pair_rewards(params, cfg.model, batch)
+    r_chosen, r_rejected = pair_rewards(params, cfg.model, batch, cfg.pooling)
     return losses.bradley_terry(r_chosen, r_rejected, margin=cfg.loss.margin, center_coef=cfg.loss.center_coef)
 
 
-def make_rewards_fn(model_cfg: ModelConfig, batch_size: int):
+def make_rewards_fn(model_cfg: ModelConfig, batch_size: int, pooling: str = "mean"):
     """rows (a Rows of pairs) -> (r_chosen [N], r_rejected [N]) as float64 NumPy, in fixed-shape batches."""
-    one = jax.jit(partial(pair_rewards, model_cfg=model_cfg))
+    one = jax.jit(partial(pair_rewards, model_cfg=model_cfg, pooling=pooling))
 
     def rewards(params, rows: formats.Rows, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
         n = min(len(rows), limit) if limit else len(rows)
@@ -216,7 +226,7 @@ def run(cfg: RewardConfig) -> Path:
     state = state_lib.create(params, optimizer, cfg.train.seed)
     log.info("reward model: %.2fM parameters, %d steps over %d pairs", models.count_params(params) / 1e6, steps,
              len(train_rows))
-    rewards = make_rewards_fn(cfg.model, min(cfg.train.batch_size, len(held_rows)))
+    rewards = make_rewards_fn(cfg.model, min(cfg.train.batch_size, len(held_rows)), cfg.pooling)
     held_limit = cfg.train.eval_batches * cfg.train.batch_size
 
     def evaluate(p) -> dict:
@@ -249,6 +259,8 @@ def load_reward_model(run_dir: str | Path):
         raise config_lib.ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the directory "
                                      "of a trained reward run, e.g. --run runs/rm-tiny")
     cfg = config_lib.load(run_dir / "config.yaml", cls=RewardConfig)
+    if "pooling:" not in (run_dir / "config.yaml").read_text():  # runs from before the field: EOS pooling
+        cfg = dataclasses.replace(cfg, pooling="last")
     tok = tokenizers.load(run_dir / "tokenizer.json")
     _, backbone = models.abstract(cfg.model)
     abstract = {"backbone": backbone, "head": {"w": jax.ShapeDtypeStruct((cfg.model.d_model,), jnp.float32),
@@ -292,7 +304,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, out, *, batch_size: 
         counts.kept += 1
         jobs += [(len(records), key, e) for (key, _, _), e in zip(items, encoded)]
         records.append(record)
-    fn = jax.jit(heads.score, static_argnums=1)
+    fn = jax.jit(partial(heads.score, pooling=cfg.pooling), static_argnums=1)
     values = []
     for start in range(0, len(jobs), batch_size):
         chunk = [e for _, _, e in jobs[start:start + batch_size]]
@@ -331,6 +343,6 @@ def ppo_score_fn(run_dir: str | Path, *, normalize: bool = True):
     @jax.jit
     def score(batch: dict) -> jax.Array:
         tokens, mask = with_eos(batch["tokens"], batch["segment_ids"], eos)
-        return (heads.score(params, cfg.model, tokens, mask) - mean) / std
+        return (heads.score(params, cfg.model, tokens, mask, cfg.pooling) - mean) / std
 
     return score
