@@ -45,18 +45,23 @@ def _print_keys(cls=config_lib.Config) -> None:
     walk(cls, "", cls())
 
 
+def _stage(argv: list[str], name: str, description: str, module: str, cfg_cls: str, loader: str) -> int:
+    """A config-driven stage command: YAML + overrides -> module.run(cfg); --help-config lists the keys."""
+    import importlib
+
+    args = _config_parser(name, description).parse_args(argv)
+    stage = importlib.import_module(f"jaxllm.stages.{module}")
+    if args.help_config:
+        _print_keys(getattr(stage, cfg_cls) if cfg_cls else config_lib.Config)
+        return 0
+    load = getattr(stage, loader) if loader else config_lib.load
+    print(f"done: {stage.run(load(args.config, args.overrides))}")
+    return 0
+
+
 @command("pretrain", "next-token pre-training (default: tiny model, built-in corpus, CPU-friendly)")
 def pretrain_cmd(argv: list[str]) -> int:
-    args = _config_parser("pretrain", "Pre-train a decoder on packed documents.").parse_args(argv)
-    if args.help_config:
-        _print_keys()
-        return 0
-    cfg = config_lib.load(args.config, args.overrides)
-    from jaxllm.stages import pretrain
-
-    run_dir = pretrain.run(cfg)
-    print(f"done: {run_dir}")
-    return 0
+    return _stage(argv, "pretrain", "Pre-train a decoder on packed documents.", "pretrain", "", "")
 
 
 @command("data", "data build --config configs/data/example.yaml: filter, dedup, tokenize, write shards")
@@ -80,16 +85,8 @@ def data_cmd(argv: list[str]) -> int:
 
 @command("sft", "supervised fine-tuning on instruction / chat records (default: built-in stdlib set)")
 def sft_cmd(argv: list[str]) -> int:
-    args = _config_parser("sft", "Fine-tune a run on instruction or chat data (loss on responses only).")\
-        .parse_args(argv)
-    from jaxllm.stages import sft
-
-    if args.help_config:
-        _print_keys(sft.SFTConfig)
-        return 0
-    run_dir = sft.run(sft.load(args.config, args.overrides))
-    print(f"done: {run_dir}")
-    return 0
+    return _stage(argv, "sft", "Fine-tune a run on instruction or chat data (loss on responses only).", "sft",
+                  "SFTConfig", "load")
 
 
 
@@ -112,28 +109,14 @@ def reward_cmd(argv: list[str]) -> int:
                 out.close()
         print(f"scored {counts.kept} records ({counts.bad} skipped)", file=sys.stderr)
         return 0
-    args = _config_parser("reward", "Train a reward model (backbone + scalar head) on preference pairs; "
-                                    "`jaxllm reward score --run R --input F` scores records.").parse_args(argv)
-    if args.help_config:
-        _print_keys(reward.RewardConfig)
-        return 0
-    run_dir = reward.run(reward.load(args.config, args.overrides))
-    print(f"done: {run_dir}")
-    return 0
+    return _stage(argv, "reward", "Train a reward model (backbone + scalar head) on preference pairs; "
+                  "`jaxllm reward score --run R --input F` scores records.", "reward", "RewardConfig", "load")
 
 
 @command("ppo", "RLHF with PPO from an SFT run and a reward run or a reward function (see docs/ppo.md)")
 def ppo_cmd(argv: list[str]) -> int:
-    args = _config_parser("ppo", "PPO on a policy (policy.run=<sft run>) with reward.run=<reward run> or "
-                                 "reward.fn=module:function.").parse_args(argv)
-    from jaxllm.stages import ppo
-
-    if args.help_config:
-        _print_keys(ppo.PPOStageConfig)
-        return 0
-    run_dir = ppo.run(ppo.load(args.config, args.overrides))
-    print(f"done: {run_dir}")
-    return 0
+    return _stage(argv, "ppo", "PPO on a policy (policy.run=<sft run>) with reward.run=<reward run> or "
+                  "reward.fn=module:function.", "ppo", "PPOStageConfig", "load")
 
 
 @command("pipeline", "pretrain -> SFT -> reward model -> PPO with tiny configs on the built-in data (CPU)")

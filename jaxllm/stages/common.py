@@ -52,8 +52,8 @@ def grow_vocab(params: dict, model_cfg: ModelConfig, new_vocab: int) -> dict:
 
 
 def start(model_cfg: ModelConfig, init: InitConfig, template: formats.ChatTemplate, *, tokenizer: str,
-          max_documents: int, seed: int):
-    """(model_cfg, tokenizer, params) to fine-tune: from init.run, or random init of model_cfg.
+          max_documents: int, seed: int, seq_len: int):
+    """(model_cfg, tokenizer, params) to fine-tune rows of seq_len: from init.run, or random init of model_cfg.
 
     The template's special tokens are added to the tokenizer; the embedding grows if they do not fit.
     """
@@ -67,6 +67,9 @@ def start(model_cfg: ModelConfig, init: InitConfig, template: formats.ChatTempla
                                    model_cfg.vocab_size)
         _, params = models.init(model_cfg, seed)
         log.info("starting from a random init (no init.run)")
+    if seq_len > model_cfg.max_seq_len:
+        raise config_lib.ConfigError(f"data.seq_len={seq_len} exceeds the model's max_seq_len="
+                                     f"{model_cfg.max_seq_len}; lower data.seq_len")
     formats.add_special_tokens(tok, template)
     needed = tok.get_vocab_size()
     if needed > model_cfg.vocab_size:

@@ -203,10 +203,7 @@ def init_params(cfg: RewardConfig):
     """(cfg with the backbone's model, tokenizer, {"backbone", "head"} params)."""
     d = cfg.data
     model_cfg, tok, backbone = common.start(cfg.model, cfg.init, d.template, tokenizer=d.tokenizer,
-                                            max_documents=d.max_documents, seed=cfg.train.seed)
-    if d.seq_len > model_cfg.max_seq_len:
-        raise config_lib.ConfigError(f"data.seq_len={d.seq_len} exceeds the model's max_seq_len="
-                                     f"{model_cfg.max_seq_len}; lower data.seq_len")
+                                  max_documents=d.max_documents, seed=cfg.train.seed, seq_len=d.seq_len)
     # w ~ N(0, 1/(D+1)): initial rewards are O(1) and differ between sequences, so the backbone gets gradients.
     params = heads.from_backbone(backbone, model_cfg, cfg.train.seed, std=(model_cfg.d_model + 1.0) ** -0.5)
     return dataclasses.replace(cfg, model=model_cfg), tok, params

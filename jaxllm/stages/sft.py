@@ -199,10 +199,7 @@ def resolve(cfg: SFTConfig):
     """(cfg with the backbone's model, tokenizer, initial params)."""
     d = cfg.data
     model_cfg, tok, params = common.start(cfg.model, cfg.init, d.template, tokenizer=d.tokenizer,
-                                          max_documents=d.max_documents, seed=cfg.train.seed)
-    if d.seq_len > model_cfg.max_seq_len:
-        raise config_lib.ConfigError(f"data.seq_len={d.seq_len} exceeds the model's max_seq_len="
-                                     f"{model_cfg.max_seq_len}; lower data.seq_len")
+                                  max_documents=d.max_documents, seed=cfg.train.seed, seq_len=d.seq_len)
     return dataclasses.replace(cfg, model=model_cfg), tok, params
 
 
