@@ -75,5 +75,3 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     kwargs = {"in_shardings": (state_shardings, batch_sharding)} if batch_sharding is not None else {}
     return jax.jit(train_step, donate_argnums=donate_argnums, out_shardings=(state_shardings, replicated), **kwargs)
 
-
-_weighted_grads = weighted_grads  # the old private name, kept for callers written against it
