@@ -27,6 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jaxllm.data.pipeline import DataError
+from jaxllm.data.sources import is_heldout
 
 log = logging.getLogger(__name__)
 _SPECIAL = re.compile(r"<\|[^|<>]+\|>")
@@ -308,3 +309,13 @@ def pad_rows(examples: list[Encoded], seq_len: int, pad_id: int) -> tuple[np.nda
         tokens[i, : len(ex.ids)] = ex.ids
         mask[i, : len(ex.ids)] = 1
     return tokens, mask
+
+
+def read_split(path: str, heldout_path: str, heldout_fraction: float, counts: "Counts"):
+    """(train, held-out) lists of (where, record) from JSONL: the held-out file when given, else a deterministic
+    split by each record's content."""
+    rows = list(read_jsonl(path, counts))
+    if heldout_path:
+        return rows, list(read_jsonl(heldout_path, counts))
+    held = [is_heldout(json.dumps(r, sort_keys=True), heldout_fraction) for _, r in rows]
+    return [x for x, h in zip(rows, held) if not h], [x for x, h in zip(rows, held) if h]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax.numpy as jnp
-import yaml
 
 from jaxllm import config as config_lib, models, runs
 from jaxllm.config import DataConfig, ModelConfig

@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxllm import checkpoint, config as config_lib, losses, models, optim
 from jaxllm.config import CheckpointConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from jaxllm.data import formats, instructions, sources, tokenizer as tokenizers
+from jaxllm.data import formats, instructions, tokenizer as tokenizers
 from jaxllm.data.pipeline import DataError, fingerprint, train_batches
 from jaxllm.models import heads
 from jaxllm.stages import common, sft
@@ -106,11 +106,7 @@ def _records(d: RewardDataConfig, counts: formats.Counts):
         train, held = instructions.preference_records(d.heldout_fraction, d.max_modules, d.near_misses)
         counts.records += len(train) + len(held)
         return train, held
-    rows = list(formats.read_jsonl(d.path, counts))
-    if d.heldout_path:
-        return rows, list(formats.read_jsonl(d.heldout_path, counts))
-    split = [sources.is_heldout(json.dumps(r, sort_keys=True), d.heldout_fraction) for _, r in rows]
-    return [x for x, h in zip(rows, split) if not h], [x for x, h in zip(rows, split) if h]
+    return formats.read_split(d.path, d.heldout_path, d.heldout_fraction, counts)
 
 
 def encode_pairs(records, tok, d: RewardDataConfig, counts: formats.Counts) -> dict[str, np.ndarray]:

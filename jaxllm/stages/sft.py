@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxllm import config as config_lib, models, optim
 from jaxllm.config import CheckpointConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from jaxllm.data import formats, instructions, sources, tokenizer as tokenizers
+from jaxllm.data import formats, instructions, tokenizer as tokenizers
 from jaxllm.data.pipeline import DataError, fingerprint, train_batches
 from jaxllm.rl import sampling
 from jaxllm.stages import common, pretrain
@@ -99,12 +99,7 @@ def _records(d: SFTDataConfig, counts: formats.Counts):
         train, held = instructions.sft_records(d.heldout_fraction, d.max_modules)
         counts.records += len(train) + len(held)
         return train, held
-    rows = list(formats.read_jsonl(d.path, counts))
-    if d.heldout_path:
-        return rows, list(formats.read_jsonl(d.heldout_path, counts))
-    held = [(w, r) for w, r in rows if sources.is_heldout(json.dumps(r, sort_keys=True), d.heldout_fraction)]
-    train = [(w, r) for w, r in rows if not sources.is_heldout(json.dumps(r, sort_keys=True), d.heldout_fraction)]
-    return train, held
+    return formats.read_split(d.path, d.heldout_path, d.heldout_fraction, counts)
 
 
 def encode_records(records, tok, d: SFTDataConfig, counts: formats.Counts):
