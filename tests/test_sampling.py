@@ -242,7 +242,7 @@ def test_bad_prompts_and_config_raise_one_line_errors(model):
             sampling.generate(graphdef, params, [[1]], key, SamplingConfig(**{"max_new_tokens": 8, field: value}))
 
 
-MESH_SCRIPT = textwrap.dedent("""
+MESH_SCRIPT = textwrap.dedent(r"""
     import re
     import jax, numpy as np
     from jax.sharding import NamedSharding
