@@ -115,17 +115,35 @@ def _dense(x: jax.Array, w: jax.Array, eq: str, p: Params, bias: str | None) -> 
 def qkv(p: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
     """Normed input -> RoPE'd q [B, T, H, D], k [B, T, K, D], v [B, T, K, D]."""
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = _dense(h, p["wq"], "btd,dnh->btnh", p, "bq")
-    k = _dense(h, p["wk"], "btd,dnh->btnh", p, "bk")
-    v = _dense(h, p["wv"], "btd,dnh->btnh", p, "bv")
+    if "wqkv" in p:  # fused by fuse_projections (decoding: one matmul instead of three)
+        fused = _dense(h, p["wqkv"], "btd,dnh->btnh", p, None)  # [B, T, H + 2K, D]
+        q, k, v = jnp.split(fused, [cfg.n_heads, cfg.n_heads + cfg.n_kv_heads], axis=2)
+        q, k, v = (y + p[b].astype(y.dtype) if b in p else y for y, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+    else:
+        q = _dense(h, p["wq"], "btd,dnh->btnh", p, "bq")
+        k = _dense(h, p["wk"], "btd,dnh->btnh", p, "bk")
+        v = _dense(h, p["wv"], "btd,dnh->btnh", p, "bv")
     return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
 
 
 def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate = _dense(h, p["w_gate"], "btd,df->btf", p, "b_gate")
-    up = _dense(h, p["w_up"], "btd,df->btf", p, "b_up")
+    if "w_gate_up" in p:  # fused by fuse_projections
+        gate, up = jnp.split(_dense(h, p["w_gate_up"], "btd,df->btf", p, None), 2, axis=-1)  # [B, T, F] each
+        gate, up = (y + p[b].astype(y.dtype) if b in p else y for y, b in ((gate, "b_gate"), (up, "b_up")))
+    else:
+        gate = _dense(h, p["w_gate"], "btd,df->btf", p, "b_gate")
+        up = _dense(h, p["w_up"], "btd,df->btf", p, "b_up")
     return _dense(jax.nn.silu(gate) * up, p["w_down"], "btf,fd->btd", p, "b_down")
+
+
+def fuse_projections(p: Params) -> Params:
+    """One layer's params with wq|wk|wv and w_gate|w_up concatenated (wqkv [D, H+2K, hd], w_gate_up [D, 2F]):
+    fewer, larger matmuls where launches dominate (decoding). qkv() and mlp() accept either layout."""
+    p = dict(p)
+    p["wqkv"] = jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1)
+    p["w_gate_up"] = jnp.concatenate([p.pop("w_gate"), p.pop("w_up")], axis=1)
+    return p
 
 
 def _finish_block(p: Params, x: jax.Array, attn: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -31,7 +31,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
 
 
 def prepare_params(params: Params, cfg: ModelConfig) -> tuple[Params, list[Params]]:
-    """(top-level params, one params dict per layer) with matrices cast to the compute dtype once.
+    """(top-level params, one params dict per layer) with matrices cast to the compute dtype once and the
+    q/k/v and gate/up projections fused (transformer.fuse_projections): decode steps are launch-bound.
 
     Norm weights and biases keep their dtype so the numerics equal `transformer.logits` exactly (the
     training path casts matrices to the compute dtype inside each matmul, and only them).
@@ -42,7 +43,8 @@ def prepare_params(params: Params, cfg: ModelConfig) -> tuple[Params, list[Param
         return w.astype(dtype) if w.ndim >= min_ndim else w
 
     top = {name: cast(w, 2) for name, w in params.items() if name != "layers"}
-    layers = [{name: cast(w[i], 2) for name, w in params["layers"].items()} for i in range(cfg.n_layers)]
+    layers = [transformer.fuse_projections({name: cast(w[i], 2) for name, w in params["layers"].items()})
+              for i in range(cfg.n_layers)]
     return top, layers
 
 
