@@ -275,13 +275,6 @@ def response_samples(tokens, response_mask, tok, n: int) -> list[dict]:
     return out
 
 
-def _trim_metrics(run_dir: Path, step: int) -> None:
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
 def setup(cfg: PPOStageConfig):
     """Everything `run` needs: (cfg with model, tok, ref params, state, pieces dict)."""
     model_cfg, tok, policy_params, template = load_policy(cfg.policy.run)
@@ -324,7 +317,7 @@ def run(cfg: PPOStageConfig) -> Path:
     if resuming and mgr_dir.is_dir():
         steps = [int(p.name) for p in mgr_dir.iterdir() if p.name.isdigit()]
         start = max(steps, default=0)
-    _trim_metrics(run_dir, start)
+    loop.trim_metrics(run_dir, start)
     runlog = RunLog(run_dir, total=cfg.train.steps, initial=start, progress=cfg.train.progress)
     if start:
         runlog.say(f"resuming {run_dir} at iteration {start}")

@@ -63,7 +63,7 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, *, compare: tuple[str, ...] =
     return False
 
 
-def _trim_metrics(run_dir: Path, step: int) -> None:
+def trim_metrics(run_dir: Path, step: int) -> None:
     """Drop metric lines past the checkpoint we resume from, so metrics.jsonl has each step once."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
@@ -117,7 +117,7 @@ def fit(*, run_dir: Path, state: TrainState, hooks: Hooks, steps: int, ckpt_cfg,
     # Several hosts: process 0 owns run_dir's logs; the others log under run_dir/hosts/<index>.
     log_dir = run_dir if jax.process_index() == 0 else run_dir / "hosts" / str(jax.process_index())
     log_dir.mkdir(parents=True, exist_ok=True)
-    _trim_metrics(log_dir, start)
+    trim_metrics(log_dir, start)
     runlog = RunLog(log_dir, total=steps, initial=start, progress=train_cfg.progress and jax.process_index() == 0)
     meta = {"data_fingerprint": hooks.data_fingerprint}
 
