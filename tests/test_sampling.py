@@ -223,6 +223,20 @@ def test_stop_token_ends_row_and_is_kept(model):
         assert (tokens[i, n:] == 0).all() and (logprobs[i, n:] == 0).all()
 
 
+def test_chunked_decode_loop_gives_the_same_rollouts(model):
+    """check_every > 1 (fixed-trip-count chunks, then single steps) changes nothing in what is returned."""
+    _, graphdef, params = model
+    free = np.asarray(sampling.generate(graphdef, params, PROMPTS, jax.random.key(0), GREEDY)[0])
+    for base in (SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9),
+                 SamplingConfig(max_new_tokens=8, temperature=0.0, stop_tokens=(int(free[1, 3]),))):
+        want = sampling.generate(graphdef, params, PROMPTS, jax.random.key(3), base)
+        for every in (3, 8):
+            got = sampling.generate(graphdef, params, PROMPTS, jax.random.key(3),
+                                    dataclasses.replace(base, check_every=every))
+            for w, g in zip(want, got):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_bad_prompts_and_config_raise_one_line_errors(model):
     cfg, graphdef, params = model
     key, sc = jax.random.key(0), SamplingConfig(max_new_tokens=8)
