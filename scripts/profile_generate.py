@@ -1,8 +1,8 @@
 """Where a decode step's time goes: kernel counts and GPU time per kernel of one `sampling.generate` call.
 
-  python scripts/profile_generate.py --config 1b --check-every 1,8,16 --out $OUT/profile
+  python scripts/profile_generate.py --config 1b --attention-impl auto,xla --out $OUT/profile
 
-For each `SamplingConfig.check_every` it prints the median call time (batch 64, prompt 128, 128 new tokens,
+For each attention implementation it prints the median call time (batch 64, prompt 128, 128 new tokens,
 temperature 1 / top-k 50 as bench_generate.py), then traces one call with `jax.profiler` and prints: kernels
 launched per decode step, GPU-busy time vs wall time, and the kernels that took the most GPU time.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import json
 import os
@@ -60,29 +61,36 @@ def summarise(events, steps: int, wall_s: float, top: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="1b")
-    parser.add_argument("--check-every", default="1,8")
+    parser.add_argument("--attention-impl", default="auto,xla",
+                        help="comma-separated model.attention_impl values, each with an optional +triton or "
+                        "+cublas suffix (the matmul backend)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", default="/tmp/profile_generate")
     args = parser.parse_args()
     cfg = bench_generate.model_config(args.config)
-    graphdef, params = bench_generate.init_params(cfg)
+    _, params = bench_generate.init_params(cfg)
     prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (64, 128)).astype(np.int32)
     batch = (jnp.asarray(prompts), jnp.full((64,), 128, jnp.int32))
-    for every in [int(x) for x in args.check_every.split(",")]:
-        config = sampling.SamplingConfig(max_new_tokens=128, temperature=1.0, top_k=50, prompt_bucket=128,
-                                         check_every=every)
+    config = sampling.SamplingConfig(max_new_tokens=128, temperature=1.0, top_k=50, prompt_bucket=128)
+    for variant in args.attention_impl.split(","):
+        # "+triton": XLA's Triton GEMMs, "+cublas": without them; no suffix: what sampling.generate_jit picks
+        impl, gemm = (variant.split("+") + [""])[:2]
+        model_cfg = dataclasses.replace(cfg, attention_impl=impl)
+        options = {"triton": {}, "cublas": {"xla_gpu_enable_triton_gemm": False}}.get(gemm)
+        jitted = (jax.jit(sampling.generate_arrays, static_argnames=("model_cfg", "config"),
+                          compiler_options=options) if gemm else sampling.generate_jit(jax.default_backend(), cfg.d_model))
 
         def call():
-            jax.block_until_ready(sampling.generate(graphdef, params, batch, jax.random.key(1), config))
+            jax.block_until_ready(jitted(params, model_cfg, *batch, jax.random.key(1), config))
 
         seconds = bench_generate.timed(call, args.reps)
-        trace_dir = os.path.join(args.out, f"check_every_{every}")
+        trace_dir = os.path.join(args.out, variant)
         with jax.profiler.trace(trace_dir):
             start = time.perf_counter()
             call()
             wall = time.perf_counter() - start
-        record = {"config": args.config, "check_every": every, "median_s": seconds,
+        record = {"config": args.config, "attention_impl": variant, "median_s": seconds,
                   "new_tokens_per_s": 64 * 128 / seconds, "card": jax.devices()[0].device_kind}
         try:
             record.update(summarise(gpu_events(trace_dir), 128, wall, args.top))

@@ -223,18 +223,30 @@ def test_stop_token_ends_row_and_is_kept(model):
         assert (tokens[i, n:] == 0).all() and (logprobs[i, n:] == 0).all()
 
 
-def test_chunked_decode_loop_gives_the_same_rollouts(model):
-    """check_every > 1 (fixed-trip-count chunks, then single steps) changes nothing in what is returned."""
-    _, graphdef, params = model
-    free = np.asarray(sampling.generate(graphdef, params, PROMPTS, jax.random.key(0), GREEDY)[0])
-    for base in (SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9),
-                 SamplingConfig(max_new_tokens=8, temperature=0.0, stop_tokens=(int(free[1, 3]),))):
-        want = sampling.generate(graphdef, params, PROMPTS, jax.random.key(3), base)
-        for every in (3, 8):
-            got = sampling.generate(graphdef, params, PROMPTS, jax.random.key(3),
-                                    dataclasses.replace(base, check_every=every))
-            for w, g in zip(want, got):
-                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+@pytest.mark.parametrize("v,k,chunk", [(32000, 50, 0), (1000, 7, 8), (4096, 3, 16), (512, 50, 0)])
+def test_top_k_values_equal_a_full_sort(v, k, chunk):
+    """The narrowed top-k (chunk maxima first) against NumPy's full sort: random rows, rows full of ties, and
+    rows half -inf (what top-k after a mask looks like)."""
+    rng = np.random.default_rng(v + k)
+    x = rng.normal(size=(3, 4, v)).astype(np.float32)
+    x[1] = np.round(x[1] * 2) / 2  # many ties at every value
+    x[2, :, : v // 2] = -np.inf
+    for rows in x:
+        want = -np.sort(-rows, axis=-1)[:, :k]
+        np.testing.assert_array_equal(np.asarray(sampling.top_k_values(jnp.asarray(rows), k, chunk)), want)
+
+
+def test_decode_kernel_rollouts_match_the_xla_path(model):
+    """attention_impl=pallas sends each decode step to the Pallas decode kernel (interpret mode here); the
+    prefill and the reference stay xla. Same greedy tokens, log-probs within the float32 tolerance; also with a
+    mixed-length batch whose cache length (prompt + new) is not a multiple of the kernel's key block."""
+    cfg, graphdef, params = model
+    pallas_graphdef = models.abstract(dataclasses.replace(cfg, attention_impl="pallas"))[0]
+    for sc in (GREEDY, SamplingConfig(max_new_tokens=5, temperature=0.0, prompt_bucket=1)):
+        want = sampling.generate(graphdef, params, PROMPTS, jax.random.key(0), sc)
+        got = sampling.generate(pallas_graphdef, params, PROMPTS, jax.random.key(0), sc)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), **LOGIT_TOL)
 
 
 def test_bad_prompts_and_config_raise_one_line_errors(model):
@@ -257,7 +269,7 @@ def test_bad_prompts_and_config_raise_one_line_errors(model):
 
 
 MESH_SCRIPT = textwrap.dedent(r"""
-    import re
+    import dataclasses, re
     import jax, numpy as np
     from jax.sharding import NamedSharding
     from jaxllm import config as config_lib, models
@@ -274,9 +286,16 @@ MESH_SCRIPT = textwrap.dedent(r"""
                                params, models.logical_axes(cfg))
         got = sampling.generate(graphdef, sharded, PROMPTS, jax.random.key(0), sc)
         tokens, lengths = sampling.pad_prompts(PROMPTS, cfg, sc)
-        hlo = sampling._generate_jit.lower(sharded, cfg, tokens, lengths, jax.random.key(0), sc).compile().as_text()
-    # The cache [B=4, S=16+8, K=2, D=8] exists only as per-device shards: batch over data*fsdp, KV heads over tensor.
-    assert set(re.findall(r"f32\[\d+,24,\d+,8\]", hlo)) == {"f32[1,24,1,8]"}, re.findall(r"f32\[\d+,24,\d+,8\]", hlo)
+        jitted = sampling.generate_jit(jax.default_backend())
+        hlo = jitted.lower(sharded, cfg, tokens, lengths, jax.random.key(0), sc).compile().as_text()
+        # The Pallas decode kernel (interpret mode) runs on each device's shard of batch and heads.
+        pallas_graphdef = models.abstract(dataclasses.replace(cfg, attention_impl="pallas"))[0]
+        got_pallas = sampling.generate(pallas_graphdef, sharded, PROMPTS, jax.random.key(0), sc)
+    # The cache [B=4, S=16+8 -> 32, K=2, D=8] exists only as per-device shards: batch over data*fsdp, KV heads
+    # over tensor.
+    assert set(re.findall(r"f32\[\d+,32,\d+,8\]", hlo)) == {"f32[1,32,1,8]"}, re.findall(r"f32\[\d+,32,\d+,8\]", hlo)
+    np.testing.assert_array_equal(np.asarray(got_pallas[0]), np.asarray(want[0]))
+    np.testing.assert_allclose(np.asarray(got_pallas[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-4)
     assert got[0].sharding.spec[0] == ("data", "fsdp"), got[0].sharding
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-4)

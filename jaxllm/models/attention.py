@@ -14,7 +14,7 @@ import logging
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.kernels.flash_attention import pallas_gpu, reference
+from jaxllm.kernels.flash_attention import decode, pallas_gpu, reference
 from jaxllm.parallel import rules
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,21 @@ def attention(
     kv_segment_ids: jax.Array | None = None,
     q_positions: jax.Array | None = None,
     kv_positions: jax.Array | None = None,
+    kv_length: jax.Array | None = None,
 ) -> jax.Array:
     """q: [B, T, H, D]; k, v: [B, S, K, D]; segment_ids: [B, T] (0 = padding). Returns [B, T, H, D].
 
-    Position-based causality (q_positions / kv_positions) is for KV-cache decoding and always uses "xla".
+    Position-based causality (q_positions / kv_positions) is for KV-cache decoding: one new token per row
+    (T = 1) with kv_length (the cache columns written so far) goes to our Pallas decode kernel under "auto" on a
+    GPU and under "pallas" anywhere (kernels/flash_attention/decode.py); everything else there uses "xla".
     """
+    if q_positions is not None:
+        if _decode_kernel_takes(impl, q, k, kv_length):
+            return _per_shard_decode(q, k, v, q_positions, kv_positions, kv_segment_ids, kv_length)
+        return reference.attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                   causal=causal, q_positions=q_positions, kv_positions=kv_positions)
     impl = resolve_impl(impl, q, k, kv_segment_ids)
-    if q_positions is not None or impl == "xla":
+    if impl == "xla":
         return reference.attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                    causal=causal, q_positions=q_positions, kv_positions=kv_positions)
     if impl == "cudnn":
@@ -88,6 +96,35 @@ def attention(
     if reason is not None:
         raise ValueError(f"attention impl 'pallas' can't run this shape: {reason}; use impl='auto' or 'xla'")
     return _per_shard(_pallas, q, k, v, segment_ids, kv_segment_ids, causal)
+
+
+def _decode_kernel_takes(impl: str, q: jax.Array, k: jax.Array, kv_length: jax.Array | None) -> bool:
+    """Whether a KV-cache attention call goes to the decode kernel (else the "xla" reference)."""
+    if impl not in ("auto", "pallas") or kv_length is None or q.shape[1] != 1:
+        return False
+    if impl == "auto" and jax.default_backend() != "gpu":
+        return False
+    reason = decode.unsupported_reason(q, k, gpu=jax.default_backend() == "gpu")
+    if reason is not None:
+        _say_once(f"attention: decoding falls back from the Pallas decode kernel to xla: {reason}")
+    return reason is None
+
+
+def _per_shard_decode(q, k, v, q_positions, kv_positions, kv_segment_ids, kv_length):
+    """decode.decode_attention on each device's shard (batch and heads split) under a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return decode.decode_attention(q, k, v, q_positions, kv_positions, kv_segment_ids, kv_length)
+    q_spec = _mesh_spec(mesh, ("batch", "seq", "heads", "head_dim"))
+    kv_spec = _mesh_spec(mesh, ("batch", "seq", "kv_heads", "head_dim"))
+    row_spec = _mesh_spec(mesh, ("batch", None))
+    args = (q, k, v, q_positions, kv_positions, kv_segment_ids)
+    specs = (q_spec, kv_spec, kv_spec, row_spec, row_spec, row_spec)
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        args = tuple(jax.reshard(x, spec) for x, spec in zip(args, specs))
+    local = jax.shard_map(lambda *a: decode.decode_attention(*a[:6], a[6]), mesh=mesh,
+                          in_specs=(*specs, P()), out_specs=q_spec, check_vma=False)
+    return local(*args, kv_length)
 
 
 def _pallas(q, k, v, segment_ids, kv_segment_ids, causal):

@@ -179,7 +179,8 @@ def block_decode(p: Params, x: jax.Array, positions: jax.Array, cache: tuple[jax
     cache_k, cache_v = constrain(cache_k, CACHE_AXES), constrain(cache_v, CACHE_AXES)
     q_segment_ids = jnp.ones(positions.shape, jnp.int32)
     attn = attention(q, cache_k, cache_v, segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                     q_positions=positions, kv_positions=kv_positions, impl=cfg.attention_impl)  # [B, T, H, D]
+                     q_positions=positions, kv_positions=kv_positions, impl=cfg.attention_impl,
+                     kv_length=index + x.shape[1])  # [B, T, H, D]
     return _finish_block(p, x, attn, cfg), (cache_k, cache_v)
 
 

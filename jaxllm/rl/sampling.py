@@ -10,6 +10,7 @@ for `generate` in tests.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from functools import partial
 from typing import Any, Sequence
@@ -49,7 +50,6 @@ class SamplingConfig:
     logprobs: str = "policy"  # policy | tempered | sampler
     pad_id: int = 0  # written after a row stops (mask 0), and left of short prompts
     prompt_bucket: int = 16  # prompt width is rounded up to a multiple of this, to reuse compilations
-    check_every: int = 1  # decode steps between "has every row stopped?" checks (see generate_arrays)
 
 
 def check_config(config: SamplingConfig, model_cfg: ModelConfig) -> SamplingConfig:
@@ -74,8 +74,6 @@ def check_config(config: SamplingConfig, model_cfg: ModelConfig) -> SamplingConf
                           f"in [0, {model_cfg.vocab_size})")
     if config.prompt_bucket < 1:
         raise bad("prompt_bucket", "must be >= 1")
-    if config.check_every < 1:
-        raise bad("check_every", "must be >= 1")
     return config
 
 
@@ -120,6 +118,26 @@ def simple_generate(params, cfg: ModelConfig, prompt: list[int], key: jax.Array,
 # The KV-cache sampler.
 
 
+def top_k_values(x: jax.Array, k: int, chunk: int = 0) -> jax.Array:
+    """The k largest values of each row of x [B, V], descending: [B, k], equal to `jax.lax.top_k(x, k)[0]`.
+
+    Sorting a whole vocabulary row every decode step is the costliest part of top-k sampling on a GPU, so the
+    row is narrowed first: its k largest values all lie in the k chunks (of `chunk` columns) with the largest
+    maxima (a value outside them is below k chunk maxima, so k values are at least as large), ties included. So:
+    chunk maxima, top-k of those, gather those k chunks, repeat while that still narrows the row, then an exact
+    top-k of what is left. chunk=0 picks about sqrt(V / k).
+    """
+    b, v = x.shape
+    chunk = chunk or max(8, int(math.sqrt(v / k)))
+    while -(-v // chunk) >= 4 * k:
+        n = -(-v // chunk)
+        x = jnp.pad(x, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf).reshape(b, n, chunk)
+        best = jax.lax.top_k(jnp.max(x, axis=-1), k)[1]  # [B, k] chunk indices
+        x = jnp.take_along_axis(x, best[:, :, None], axis=1).reshape(b, k * chunk)  # [B, k * chunk]
+        v = k * chunk
+    return jax.lax.top_k(x, k)[0]
+
+
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """The logits actually sampled from: divided by temperature, then top-k, then top-p (nucleus).
 
@@ -132,7 +150,7 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
     if top_k == 0 and top_p >= 1.0:
         return logits
     if top_k:
-        ranked = jax.lax.top_k(logits, top_k)[0]  # [B, k] descending
+        ranked = top_k_values(logits, top_k)  # [B, k] descending
     else:
         ranked = -jnp.sort(-logits, axis=-1)  # [B, V] descending
     if top_p < 1.0:
@@ -183,8 +201,6 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
     prompt_lengths: [B] int32 >= 1, with P + max_new_tokens <= model.max_seq_len. Row b's first real token has
     position 0. Returns (tokens [B, N] int32, logprobs [B, N] float32, mask [B, N] int32) with
     N = config.max_new_tokens: the new tokens only, pad_id and logprob 0 where mask is 0 (after a stop token).
-    The loop exits once every row has stopped, tested every config.check_every steps (between tests the trip
-    count is fixed, so the GPU need not report back after each step); the result does not depend on it.
     """
     check_config(config, model_cfg)  # static values: free under jit
     b, p = prompt_tokens.shape
@@ -192,18 +208,19 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
     if p + n > model_cfg.max_seq_len:
         raise DataError(f"prompt width {p} + max_new_tokens={n} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     pad = p - prompt_lengths.astype(jnp.int32)  # [B]
-    cols = jnp.arange(p + n, dtype=jnp.int32)[None, :]
+    cache_len = -(-(p + n) // 16) * 16  # a multiple of 16 for the decode kernel's key blocks; the rest is padding
+    cols = jnp.arange(cache_len, dtype=jnp.int32)[None, :]
     kv_positions = jnp.maximum(cols - pad[:, None], 0)  # [B, S]
-    kv_segment_ids = (cols >= pad[:, None]).astype(jnp.int32)  # [B, S]
+    kv_segment_ids = ((cols >= pad[:, None]) & (cols < p + n)).astype(jnp.int32)  # [B, S]
     top, layers = kv_cache.prepare_params(params, model_cfg)
-    logits, cache = _prefill(top, layers, model_cfg, prompt_tokens, kv_positions, kv_segment_ids, p + n)
+    logits, cache = _prefill(top, layers, model_cfg, prompt_tokens, kv_positions, kv_segment_ids, cache_len)
     stop = jnp.asarray(config.stop_tokens, jnp.int32)
     state = {"step": jnp.int32(0), "logits": logits, "cache": cache, "done": jnp.zeros((b,), bool),
              "tokens": jnp.full((b, n), config.pad_id, jnp.int32), "logprobs": jnp.zeros((b, n), jnp.float32),
              "mask": jnp.zeros((b, n), jnp.int32)}
 
-    def running(state, limit):
-        return (state["step"] < limit) & ~jnp.all(state["done"])
+    def cond(state):
+        return (state["step"] < n) & ~jnp.all(state["done"])
 
     def body(state):
         step, active = state["step"], ~state["done"]
@@ -219,18 +236,22 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
                 "logprobs": put(state["logprobs"], jnp.where(active, logprob, 0.0)),
                 "mask": put(state["mask"], active)}
 
-    # Whole chunks of check_every steps (a fixed trip count: no device-to-host read of the exit test inside a
-    # chunk), then the remaining steps one by one. Rows that stop mid-chunk write pad with mask 0, as always.
-    chunk = config.check_every
-    whole = n - n % chunk
-    if chunk > 1 and whole:
-        state = jax.lax.while_loop(lambda s: running(s, whole),
-                                   lambda s: jax.lax.fori_loop(0, chunk, lambda _, s: body(s), s), state)
-    state = jax.lax.while_loop(lambda s: running(s, n), body, state)
+    state = jax.lax.while_loop(cond, body, state)
     return tuple(constrain(state[k], ("batch", None)) for k in ("tokens", "logprobs", "mask"))
 
 
-_generate_jit = jax.jit(generate_arrays, static_argnames=("model_cfg", "config"))
+CUBLAS_MIN_D_MODEL = 1536
+
+
+@functools.cache
+def generate_jit(backend: str, d_model: int = 0):
+    """generate_arrays jitted for a backend and model width. Decode's matmuls are skinny (batch rows times a
+    weight matrix): on a GPU, cuBLAS ran them faster than XLA's Triton GEMMs for the 1b model (d_model 2048) and
+    slower for 124m (768) on an H200 (docs/benchmarks.md), so Triton GEMMs are off from CUBLAS_MIN_D_MODEL."""
+    options = None
+    if backend == "gpu" and d_model >= CUBLAS_MIN_D_MODEL:
+        options = {"xla_gpu_enable_triton_gemm": False}
+    return jax.jit(generate_arrays, static_argnames=("model_cfg", "config"), compiler_options=options)
 
 
 def as_batch(prompt_tokens: jax.Array, prompt_lengths: jax.Array, tokens: jax.Array,
@@ -299,4 +320,5 @@ def generate(graphdef: nnx.GraphDef, params, prompts, key: jax.Array,
                                 f"[1, prompt width {tokens.shape[1]}] (empty prompts are not allowed)")
     else:
         tokens, lengths = pad_prompts(prompts, cfg, config)
-    return _generate_jit(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), key, config)
+    jitted = generate_jit(jax.default_backend(), cfg.d_model)
+    return jitted(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), key, config)
