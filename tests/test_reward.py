@@ -164,10 +164,27 @@ def test_builtin_preference_set_is_deterministic_with_near_misses():
     assert {w: line_module[rej] for w, _, rej in two} == {w: module[w] for w, _, _ in two}
 
 
+def test_builtin_methods_add_pairs_with_the_same_properties():
+    train, held = instructions.preference_records(0.2, max_modules=12, methods=True)
+    fns = instructions.stdlib_functions(12, methods=True)
+    module = {f"builtin:{f['module']}.{f['function']}": f["module"] for f in fns}
+    assert held and sum("." in f["function"] for f in fns) > len(fns) / 2  # mostly methods: Class.method
+    assert not {module[w] for w, _ in held} & {module[w] for w, _ in train}  # still split by module
+    line_module = {r["chosen"]: module[w] for w, r in train + held}
+    assert all(line_module[r["rejected"]] == module[w] for w, r in train + held)
+    assert sorted(r["rejected"] for _, r in train + held) == sorted(r["chosen"] for _, r in train + held)
+    plain = {f"builtin:{f['module']}.{f['function']}" for f in instructions.stdlib_functions()
+             if f["module"] in set(module.values())}
+    assert plain and plain <= set(module)  # the top-level functions of those modules are still there
+    # Oracle from the source text: `def send(self, value)` of class Coroutine in _collections_abc.
+    assert "Summarise what `_collections_abc.Coroutine.send(value)` does." in {r["prompt"] for _, r in train + held}
+
+
 def test_builtin_held_out_pairs_are_learnable_from_the_prompt():
     """A rule that reads the prompt (words of the line inside the function's name) beats chance on held-out
-    modules: measured 0.875 on 184 pairs (heldout_fraction 0.1, Python 3.12); with the old next-function near
-    miss it was 0.72. Chance = 0.5 (each line is chosen once and rejected once)."""
+    modules: measured 0.856 on 184 pairs (heldout_fraction 0.1, Python 3.12; 0.871 on 610 pairs with
+    methods=True); with the old next-function near miss it was 0.72. Chance = 0.5 (each line is chosen once and
+    rejected once)."""
     _, held = instructions.preference_records(0.1)
     fn = lambda r: {"function": r["prompt"].split("`")[1].split("(", 1)[0], "signature": r["prompt"].split("(", 1)[1]}
     wins = [np.sign(instructions.name_overlap(fn(r), r["chosen"]) - instructions.name_overlap(fn(r), r["rejected"]))

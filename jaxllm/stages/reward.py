@@ -54,6 +54,7 @@ class RewardDataConfig:
     epochs: float = 1.0  # used when train.steps = 0
     max_modules: int = 0
     near_misses: int = 1  # builtin: pairs per instruction, each with another same-module near miss
+    methods: bool = False  # builtin: also methods of public classes (about 3.5x the pairs)
     tokenizer: str = "builtin"  # only without init.run
     max_documents: int = 0
     template: formats.ChatTemplate = formats.ChatTemplate()
@@ -81,8 +82,10 @@ class RewardConfig:
 
 
 def validate(cfg: RewardConfig) -> RewardConfig:
-    as_sft = sft.SFTConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, init=cfg.init, data=sft.SFTDataConfig(
-        **{f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(RewardDataConfig) if f.name != "near_misses"}))
+    shared = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(RewardDataConfig)
+              if f.name not in ("near_misses", "methods")}
+    as_sft = sft.SFTConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, init=cfg.init,
+                           data=sft.SFTDataConfig(**shared))
     sft.validate(as_sft)
     if cfg.loss.margin < 0 or cfg.loss.center_coef < 0:
         raise config_lib.ConfigError("loss.margin and loss.center_coef must be >= 0")
@@ -103,7 +106,7 @@ def load(path=None, overrides=()) -> RewardConfig:
 
 def _records(d: RewardDataConfig, counts: formats.Counts):
     if d.path == "builtin":
-        train, held = instructions.preference_records(d.heldout_fraction, d.max_modules, d.near_misses)
+        train, held = instructions.preference_records(d.heldout_fraction, d.max_modules, d.near_misses, d.methods)
         counts.records += len(train) + len(held)
         return train, held
     return formats.read_split(d.path, d.heldout_path, d.heldout_fraction, counts)
