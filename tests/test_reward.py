@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxllm import config as config_lib, losses, models  # noqa: E402
-from jaxllm.data import formats, instructions, tokenizer as tokenizers  # noqa: E402
+from jaxllm.data import formats, instructions, sources, tokenizer as tokenizers  # noqa: E402
 from jaxllm.data.pipeline import DataError  # noqa: E402
 from jaxllm.logging import read_metrics  # noqa: E402
 from jaxllm.models import heads  # noqa: E402
@@ -237,7 +237,7 @@ def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
     stats = json.loads((run_dir / "reward_stats.json").read_text())
     assert stats["step"] == 80 and stats["std"] > 0 and 0 <= stats["heldout_accuracy"] <= 1
     assert [e["step"] for e in read_metrics(run_dir, "eval")] == [40, 80]
-    # It learns: the training pairs (about 30) are fitted. Held-out accuracy is not asserted: see docs.
+    # It learns: the training pairs (about 30) are fitted. Held-out accuracy: test_tiny_reward_model_generalises.
     train = read_metrics(run_dir, "train")
     assert train[0]["accuracy"] < 0.8 and train[-1]["accuracy"] >= 0.9, [r["accuracy"] for r in train]
     path = _write(tmp_path / "in.jsonl", [{"prompt": "Summarise what `os.getcwd()` does.", "response": "cwd"},
@@ -263,3 +263,20 @@ def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
     tokens[1, 40 - len(body):], segment_ids[1, 40 - len(body):] = body, 1  # left-padded
     ppo_scores = reward.ppo_score_fn(run_dir)({"tokens": tokens, "segment_ids": segment_ids})
     np.testing.assert_allclose(np.asarray(ppo_scores), [(direct - st["mean"]) / st["std"]] * 2, rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_reward_model_generalises_to_held_out_modules(tmp_path):
+    """configs/rm_scratch.yaml from random init in about 65 s of 2-core CPU: the built-in set with methods (3993
+    training pairs; 610 held-out pairs from modules never seen in training), the word tokenizer, match_init and
+    probe_head, lr 1e-4, 200 steps. Measured 0.723 held-out accuracy (seed 0; 0.748 at 300 steps); chance = 0.5,
+    standard error 0.02 at 610 pairs. Without match_init and probe_head this model stays at 0.50-0.58
+    (docs/sft_reward.md)."""
+    tok = tokenizers.train_word_bpe([text for _, text in sources.builtin_documents()[:200]], 2048)
+    tok.save(str(tmp_path / "words.json"))
+    cfg = reward.load("configs/rm_scratch.yaml", [f"data.tokenizer={tmp_path / 'words.json'}",
+                                                  f"train.runs_dir={tmp_path}", "train.progress=false"])
+    run_dir = reward.run(cfg)
+    stats = json.loads((run_dir / "reward_stats.json").read_text())
+    held = json.loads((run_dir / "data_report.json").read_text())
+    assert held["kept"] == 3993 + 610 and stats["step"] == 200
+    assert stats["heldout_accuracy"] >= 0.65, stats
