@@ -223,6 +223,24 @@ def test_bad_config_and_missing_run_are_one_line_errors(tmp_path):
     assert reward.RewardConfig().optim.lr == 1e-5
 
 
+def test_match_init_ties_keys_to_queries_and_word_tokenizer_shares_name_tokens(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="match_init=2.0 needs a random init"):
+        reward.load(None, ["match_init=2", "init.run=runs/sft", "model.n_kv_heads=4", "model.n_heads=4"])
+    with pytest.raises(config_lib.ConfigError, match="match_init=2.0 needs a random init"):
+        reward.load(None, ["match_init=2", "model.n_kv_heads=2", "model.n_heads=4"])
+    tok = tokenizers.train_word_bpe(["decode the header", "decode_header(value)"] * 20, 300)
+    tok.save(str(tmp_path / "words.json"))
+    over = [f"data.tokenizer={tmp_path / 'words.json'}", "model.vocab_size=320", "model.d_model=32", "model.n_layers=2",
+            "model.n_heads=2", "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=32", "data.seq_len=32"]
+    _, _, plain = reward.init_params(reward.load(None, over))
+    _, _, tied = reward.init_params(reward.load(None, over + ["match_init=3"]))
+    layers = tied["backbone"]["layers"]
+    np.testing.assert_array_equal(np.asarray(layers["wq"]), 3 * np.asarray(plain["backbone"]["layers"]["wq"]))
+    np.testing.assert_array_equal(np.asarray(layers["wk"]), np.asarray(layers["wq"]))
+    name, line = tok.encode("email.decode_header(header)").tokens, tok.encode("Decode a message Header.").tokens
+    assert {"decode", "header"} <= set(name) & set(line)
+
+
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.d_ff=64", "model.max_seq_len=64", "model.dtype=float32", "data.seq_len=64", "train.batch_size=8",
         "train.log_every=10", "train.progress=false", "checkpoint.every=1000", "optim.warmup_steps=5",
