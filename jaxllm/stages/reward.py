@@ -231,8 +231,8 @@ def fit_head(params, cfg: RewardConfig, rows: formats.Rows, *, ridge: float = 1e
     n = min(len(rows), limit)
     sides = []
     for side in range(2):
-        out = [np.asarray(pooled(params["backbone"], tokens=rows.arrays["tokens"][s:s + 256, side],
-                                 mask=rows.arrays["mask"][s:s + 256, side])) for s in range(0, n, 256)]
+        out = [np.asarray(pooled(params["backbone"], tokens=rows.arrays["tokens"][s:min(s + 256, n), side],
+                                 mask=rows.arrays["mask"][s:min(s + 256, n), side])) for s in range(0, n, 256)]
         sides.append(np.concatenate(out).astype(np.float64))
     x = sides[0] - sides[1]  # [N, D]
     scale = x.std(axis=0) + 1e-12
