@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxllm import config as config_lib, losses, models  # noqa: E402
-from jaxllm.data import formats, instructions, tokenizer as tokenizers  # noqa: E402
+from jaxllm.data import formats, instructions, sources, tokenizer as tokenizers  # noqa: E402
 from jaxllm.data.pipeline import DataError  # noqa: E402
 from jaxllm.logging import read_metrics  # noqa: E402
 from jaxllm.models import heads  # noqa: E402
@@ -164,10 +164,27 @@ def test_builtin_preference_set_is_deterministic_with_near_misses():
     assert {w: line_module[rej] for w, _, rej in two} == {w: module[w] for w, _, _ in two}
 
 
+def test_builtin_methods_add_pairs_with_the_same_properties():
+    train, held = instructions.preference_records(0.2, max_modules=12, methods=True)
+    fns = instructions.stdlib_functions(12, methods=True)
+    module = {f"builtin:{f['module']}.{f['function']}": f["module"] for f in fns}
+    assert held and sum("." in f["function"] for f in fns) > len(fns) / 2  # mostly methods: Class.method
+    assert not {module[w] for w, _ in held} & {module[w] for w, _ in train}  # still split by module
+    line_module = {r["chosen"]: module[w] for w, r in train + held}
+    assert all(line_module[r["rejected"]] == module[w] for w, r in train + held)
+    assert sorted(r["rejected"] for _, r in train + held) == sorted(r["chosen"] for _, r in train + held)
+    plain = {f"builtin:{f['module']}.{f['function']}" for f in instructions.stdlib_functions()
+             if f["module"] in set(module.values())}
+    assert plain and plain <= set(module)  # the top-level functions of those modules are still there
+    # Oracle from the source text: `def send(self, value)` of class Coroutine in _collections_abc.
+    assert "Summarise what `_collections_abc.Coroutine.send(value)` does." in {r["prompt"] for _, r in train + held}
+
+
 def test_builtin_held_out_pairs_are_learnable_from_the_prompt():
     """A rule that reads the prompt (words of the line inside the function's name) beats chance on held-out
-    modules: measured 0.875 on 184 pairs (heldout_fraction 0.1, Python 3.12); with the old next-function near
-    miss it was 0.72. Chance = 0.5 (each line is chosen once and rejected once)."""
+    modules: measured 0.856 on 184 pairs (heldout_fraction 0.1, Python 3.12; 0.871 on 610 pairs with
+    methods=True); with the old next-function near miss it was 0.72. Chance = 0.5 (each line is chosen once and
+    rejected once)."""
     _, held = instructions.preference_records(0.1)
     fn = lambda r: {"function": r["prompt"].split("`")[1].split("(", 1)[0], "signature": r["prompt"].split("(", 1)[1]}
     wins = [np.sign(instructions.name_overlap(fn(r), r["chosen"]) - instructions.name_overlap(fn(r), r["rejected"]))
@@ -206,6 +223,24 @@ def test_bad_config_and_missing_run_are_one_line_errors(tmp_path):
     assert reward.RewardConfig().optim.lr == 1e-5
 
 
+def test_match_init_ties_keys_to_queries_and_word_tokenizer_shares_name_tokens(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="match_init=2.0 needs a random init"):
+        reward.load(None, ["match_init=2", "init.run=runs/sft", "model.n_kv_heads=4", "model.n_heads=4"])
+    with pytest.raises(config_lib.ConfigError, match="match_init=2.0 needs a random init"):
+        reward.load(None, ["match_init=2", "model.n_kv_heads=2", "model.n_heads=4"])
+    tok = tokenizers.train_word_bpe(["decode the header", "decode_header(value)"] * 20, 300)
+    tok.save(str(tmp_path / "words.json"))
+    over = [f"data.tokenizer={tmp_path / 'words.json'}", "model.vocab_size=320", "model.d_model=32", "model.n_layers=2",
+            "model.n_heads=2", "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=32", "data.seq_len=32"]
+    _, _, plain = reward.init_params(reward.load(None, over))
+    _, _, tied = reward.init_params(reward.load(None, over + ["match_init=3"]))
+    layers = tied["backbone"]["layers"]
+    np.testing.assert_array_equal(np.asarray(layers["wq"]), 3 * np.asarray(plain["backbone"]["layers"]["wq"]))
+    np.testing.assert_array_equal(np.asarray(layers["wk"]), np.asarray(layers["wq"]))
+    name, line = tok.encode("email.decode_header(header)").tokens, tok.encode("Decode a message Header.").tokens
+    assert {"decode", "header"} <= set(name) & set(line)
+
+
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.d_ff=64", "model.max_seq_len=64", "model.dtype=float32", "data.seq_len=64", "train.batch_size=8",
         "train.log_every=10", "train.progress=false", "checkpoint.every=1000", "optim.warmup_steps=5",
@@ -220,7 +255,7 @@ def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
     stats = json.loads((run_dir / "reward_stats.json").read_text())
     assert stats["step"] == 80 and stats["std"] > 0 and 0 <= stats["heldout_accuracy"] <= 1
     assert [e["step"] for e in read_metrics(run_dir, "eval")] == [40, 80]
-    # It learns: the training pairs (about 30) are fitted. Held-out accuracy is not asserted: see docs.
+    # It learns: the training pairs (about 30) are fitted. Held-out accuracy: test_tiny_reward_model_generalises.
     train = read_metrics(run_dir, "train")
     assert train[0]["accuracy"] < 0.8 and train[-1]["accuracy"] >= 0.9, [r["accuracy"] for r in train]
     path = _write(tmp_path / "in.jsonl", [{"prompt": "Summarise what `os.getcwd()` does.", "response": "cwd"},
@@ -246,3 +281,20 @@ def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
     tokens[1, 40 - len(body):], segment_ids[1, 40 - len(body):] = body, 1  # left-padded
     ppo_scores = reward.ppo_score_fn(run_dir)({"tokens": tokens, "segment_ids": segment_ids})
     np.testing.assert_allclose(np.asarray(ppo_scores), [(direct - st["mean"]) / st["std"]] * 2, rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_reward_model_generalises_to_held_out_modules(tmp_path):
+    """configs/rm_scratch.yaml from random init in about 65 s of 2-core CPU: the built-in set with methods (3993
+    training pairs; 610 held-out pairs from modules never seen in training), the word tokenizer, match_init and
+    probe_head, lr 1e-4, 200 steps. Measured 0.723 held-out accuracy (seed 0; 0.748 at 300 steps); chance = 0.5,
+    standard error 0.02 at 610 pairs. Without match_init and probe_head this model stays at 0.50-0.58
+    (docs/sft_reward.md)."""
+    tok = tokenizers.train_word_bpe([text for _, text in sources.builtin_documents()[:200]], 2048)
+    tok.save(str(tmp_path / "words.json"))
+    cfg = reward.load("configs/rm_scratch.yaml", [f"data.tokenizer={tmp_path / 'words.json'}",
+                                                  f"train.runs_dir={tmp_path}", "train.progress=false"])
+    run_dir = reward.run(cfg)
+    stats = json.loads((run_dir / "reward_stats.json").read_text())
+    held = json.loads((run_dir / "data_report.json").read_text())
+    assert held["kept"] == 3993 + 610 and stats["step"] == 200
+    assert stats["heldout_accuracy"] >= 0.65, stats

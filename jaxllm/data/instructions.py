@@ -33,36 +33,50 @@ def _module_name(rel: Path) -> str:
     return ".".join(parts)
 
 
-def _functions(tree: ast.Module) -> list[tuple[str, str, str]]:
-    """(name, signature, first docstring line) of public top-level functions with a useful docstring."""
-    out = []
+def _functions(tree: ast.Module, methods: bool = False) -> list[tuple[str, str, str]]:
+    """(name, signature, first docstring line) of public top-level functions with a useful docstring;
+    with methods=True also public methods of public top-level classes, named Class.method (self/cls dropped)."""
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef)
+    nodes = []  # (name, def node, is a method), in source order
     for node in tree.body:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+        if isinstance(node, defs):
+            nodes.append((node.name, node, False))
+        elif methods and isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            nodes += [(f"{node.name}.{m.name}", m, True) for m in node.body if isinstance(m, defs)]
+    out = []
+    for name, node, is_method in nodes:
+        if node.name.startswith("_"):
             continue
         doc = ast.get_docstring(node)
         line = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
         if len(line) < MIN_LINE_CHARS:
             continue
-        out.append((node.name, ast.unparse(node.args), line))
+        args = node.args
+        if is_method and args.args and args.args[0].arg in ("self", "cls"):
+            args = ast.arguments(posonlyargs=args.posonlyargs, args=args.args[1:], vararg=args.vararg,
+                                 kwonlyargs=args.kwonlyargs, kw_defaults=args.kw_defaults, kwarg=args.kwarg,
+                                 defaults=args.defaults)
+        out.append((name, ast.unparse(args), line))
     return out
 
 
-def stdlib_functions(max_modules: int = 0) -> list[dict]:
-    """[{module, function, signature, summary}] in a fixed order (sorted files, then source order).
+def stdlib_functions(max_modules: int = 0, methods: bool = False) -> list[dict]:
+    """[{module, function, signature, summary}] in a fixed order (sorted files, then source order); with
+    methods=True also methods of public classes (function "Class.method", signature without self/cls).
 
     Cached as JSON in the jaxllm cache directory (per Python version), since parsing takes seconds."""
-    key = fingerprint({"v": 1, "python": sys.version, "max_modules": max_modules})
+    key = fingerprint({"v": 2, "python": sys.version, "max_modules": max_modules, "methods": methods})
     path = tokenizers.cache_dir() / f"stdlib-functions-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    out = _parse_stdlib(max_modules)
+    out = _parse_stdlib(max_modules, methods)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out))
     tmp.replace(path)
     return out
 
 
-def _parse_stdlib(max_modules: int) -> list[dict]:
+def _parse_stdlib(max_modules: int, methods: bool) -> list[dict]:
     root = Path(sysconfig.get_paths()["stdlib"])
     out, modules = [], 0
     for path in sources._stdlib_files():
@@ -73,7 +87,7 @@ def _parse_stdlib(max_modules: int) -> list[dict]:
         except (SyntaxError, ValueError):
             continue
         module = _module_name(path.relative_to(root))
-        found = _functions(tree)
+        found = _functions(tree, methods)
         if found:
             modules += 1
         for name, sig, line in found:
@@ -95,12 +109,14 @@ def sft_records(heldout_fraction: float, max_modules: int = 0) -> tuple[list, li
     return train, held
 
 
-def preference_records(heldout_fraction: float, max_modules: int = 0, rounds: int = 1) -> tuple[list, list]:
+def preference_records(heldout_fraction: float, max_modules: int = 0, rounds: int = 1,
+                       methods: bool = False) -> tuple[list, list]:
     """(train, held-out) lists of (where, {"prompt", "chosen", "rejected"}), deterministic.
 
     Each function gets up to `rounds` pairs, each with a different near miss (see near_misses); functions of
-    modules with a single function get none."""
-    fns = stdlib_functions(max_modules)
+    modules with a single function get none. methods=True adds the methods of public classes (about 3.5 times
+    as many pairs; near misses still come from the whole module)."""
+    fns = stdlib_functions(max_modules, methods)
     by_module: dict[str, list[int]] = {}
     for i, fn in enumerate(fns):
         by_module.setdefault(fn["module"], []).append(i)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD = "<|pad|>"
 EOS = "<|endoftext|>"
@@ -28,6 +28,24 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE with PAD=0 and EOS=1; every byte is representable, so no unknown tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def train_word_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """BPE over lower-cased pieces: white space dropped, then runs of letters, runs of digits and every other
+    character split apart before merging. So `decode_header` and "Decode a header" share the tokens `decode`
+    and `header`, which a tiny reward model can match (docs/sft_reward.md). Lossy (no case, no spaces): for
+    scoring text, not for generating it. PAD=0, EOS=1; byte-level, so no unknown tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s+"), "removed"),
+        pre_tokenizers.Split(Regex(r"[a-z]+|[0-9]+|[^a-z0-9]"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -54,6 +54,7 @@ class RewardDataConfig:
     epochs: float = 1.0  # used when train.steps = 0
     max_modules: int = 0
     near_misses: int = 1  # builtin: pairs per instruction, each with another same-module near miss
+    methods: bool = False  # builtin: also methods of public classes (about 3.5x the pairs)
     tokenizer: str = "builtin"  # only without init.run
     max_documents: int = 0
     template: formats.ChatTemplate = formats.ChatTemplate()
@@ -78,16 +79,26 @@ class RewardConfig:
     # mean: the head on the mean final hidden state over the sequence's real tokens (learns the built-in set
     # from a tiny model, see docs/sft_reward.md); last: on the hidden state at the final EOS token.
     pooling: str = "mean"
+    # A tiny model trained from random init (no init.run) learns the built-in set only with both of these
+    # (docs/sft_reward.md): match_init > 0 sets every layer's W_k = W_q (scaled by it), so attention starts out
+    # favouring equal tokens; probe_head fits the head by ridge regression on the training pairs first.
+    match_init: float = 0.0
+    probe_head: bool = False
 
 
 def validate(cfg: RewardConfig) -> RewardConfig:
-    as_sft = sft.SFTConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, init=cfg.init, data=sft.SFTDataConfig(
-        **{f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(RewardDataConfig) if f.name != "near_misses"}))
+    shared = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(RewardDataConfig)
+              if f.name not in ("near_misses", "methods")}
+    as_sft = sft.SFTConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, init=cfg.init,
+                           data=sft.SFTDataConfig(**shared))
     sft.validate(as_sft)
     if cfg.loss.margin < 0 or cfg.loss.center_coef < 0:
         raise config_lib.ConfigError("loss.margin and loss.center_coef must be >= 0")
     if cfg.data.near_misses < 1:
         raise config_lib.ConfigError(f"data.near_misses={cfg.data.near_misses} must be >= 1")
+    if cfg.match_init < 0 or (cfg.match_init and (cfg.init.run or cfg.model.n_kv_heads != cfg.model.n_heads)):
+        raise config_lib.ConfigError(f"match_init={cfg.match_init} needs a random init (no init.run) with "
+                                     "model.n_kv_heads == model.n_heads, and must be >= 0; set match_init=0")
     if cfg.pooling not in heads.POOLINGS:
         raise config_lib.ConfigError(f"pooling={cfg.pooling!r} is not one of {', '.join(heads.POOLINGS)}")
     return cfg
@@ -103,7 +114,7 @@ def load(path=None, overrides=()) -> RewardConfig:
 
 def _records(d: RewardDataConfig, counts: formats.Counts):
     if d.path == "builtin":
-        train, held = instructions.preference_records(d.heldout_fraction, d.max_modules, d.near_misses)
+        train, held = instructions.preference_records(d.heldout_fraction, d.max_modules, d.near_misses, d.methods)
         counts.records += len(train) + len(held)
         return train, held
     return formats.read_split(d.path, d.heldout_path, d.heldout_fraction, counts)
@@ -202,13 +213,42 @@ def init_params(cfg: RewardConfig):
                                   max_documents=d.max_documents, seed=cfg.train.seed, seq_len=d.seq_len)
     # w ~ N(0, 1/(D+1)): initial rewards are O(1) and differ between sequences, so the backbone gets gradients.
     params = heads.from_backbone(backbone, model_cfg, cfg.train.seed, std=(model_cfg.d_model + 1.0) ** -0.5)
+    if cfg.match_init:
+        layers = params["backbone"]["layers"]
+        wq = layers["wq"] * cfg.match_init  # [L, D, H, K]
+        params["backbone"]["layers"] = {**layers, "wq": wq, "wk": wq + 0.0}  # a copy: buffers are donated
     return dataclasses.replace(cfg, model=model_cfg), tok, params
+
+
+def fit_head(params, cfg: RewardConfig, rows: formats.Rows, *, ridge: float = 1e-3, spread: float = 2.0,
+             limit: int = 4096) -> dict:
+    """The head {"w", "b"} by ridge regression on the pooled-feature differences of (up to limit) pairs.
+
+    x_i = pooled(chosen_i) - pooled(rejected_i) [N, D], standardised per feature; w solves
+    (X^T X + ridge N I) w = X^T 1 in float64 (least squares toward r_chosen - r_rejected = 1), scaled so the
+    reward differences have std `spread`. The backbone is unchanged."""
+    pooled = jax.jit(partial(heads.hidden_mean if cfg.pooling == "mean" else heads.hidden_at_last, cfg=cfg.model))
+    n = min(len(rows), limit)
+    sides = []
+    for side in range(2):
+        out = [np.asarray(pooled(params["backbone"], tokens=rows.arrays["tokens"][s:min(s + 256, n), side],
+                                 mask=rows.arrays["mask"][s:min(s + 256, n), side])) for s in range(0, n, 256)]
+        sides.append(np.concatenate(out).astype(np.float64))
+    x = sides[0] - sides[1]  # [N, D]
+    scale = x.std(axis=0) + 1e-12
+    xs = x / scale
+    w = np.linalg.solve(xs.T @ xs + ridge * n * np.eye(x.shape[1]), xs.sum(axis=0)) / scale
+    w *= spread / max((x @ w).std(), 1e-12)
+    log.info("probe head: training accuracy %.4f on %d pairs", np.mean(x @ w > 0), n)
+    return {"w": jnp.asarray(w, jnp.float32), "b": jnp.zeros((), jnp.float32)}
 
 
 def run(cfg: RewardConfig) -> Path:
     """Train (or resume) runs/<train.name>; writes reward_stats.json; returns the run directory."""
     cfg, tok, params = init_params(cfg)
     train_rows, held_rows, counts = load_data(cfg, tok)
+    if cfg.probe_head:
+        params = {**params, "head": fit_head(params, cfg, train_rows)}
     steps = cfg.train.steps or max(1, int(cfg.data.epochs * len(train_rows) / cfg.train.batch_size))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     run_dir = Path(cfg.train.runs_dir) / cfg.train.name
