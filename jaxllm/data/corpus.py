@@ -16,16 +16,23 @@ from jaxllm.data.pipeline import DataError, TokenStream, fingerprint
 log = logging.getLogger(__name__)
 
 
-def builtin_tokenizer(vocab_size: int, max_documents: int = 0) -> Tokenizer:
-    """BPE trained on the built-in corpus' training split, cached in the user cache directory."""
-    key = fingerprint({"v": 1, "python": sys.version, "vocab": vocab_size, "max_docs": max_documents})
-    path = tokenizers.cache_dir() / f"bpe-{vocab_size}-{key}.json"
+def builtin_tokenizer(vocab_size: int, max_documents: int = 0, words: bool = False) -> Tokenizer:
+    """BPE trained on the built-in corpus' training split, cached in the user cache directory.
+
+    words=True: the lossy word BPE (`tokenizer.train_word_bpe`: lower case, no spaces; for scoring, e.g. reward
+    models) trained on the first max_documents documents (all of them, not a split: no text is predicted)."""
+    key = fingerprint({"v": 1, "python": sys.version, "vocab": vocab_size, "max_docs": max_documents,
+                       **({"words": True} if words else {})})
+    path = tokenizers.cache_dir() / f"{'words' if words else 'bpe'}-{vocab_size}-{key}.json"
     if path.is_file():
         return tokenizers.load(path)
     docs = _documents(max_documents)
-    train, _ = sources.split_documents(docs, 0.02)
-    log.info("training a %d-token byte-level BPE on the built-in corpus (%d documents)", vocab_size, len(train))
-    tok = tokenizers.train_bpe(train, vocab_size)
+    if words:
+        tok = tokenizers.train_word_bpe([text for _, text in docs], vocab_size)
+    else:
+        train, _ = sources.split_documents(docs, 0.02)
+        log.info("training a %d-token byte-level BPE on the built-in corpus (%d documents)", vocab_size, len(train))
+        tok = tokenizers.train_bpe(train, vocab_size)
     tmp = path.with_suffix(".tmp")
     tok.save(str(tmp))
     tmp.replace(path)
@@ -38,8 +45,8 @@ def _documents(max_documents: int) -> list[tuple[str, str]]:
 
 
 def get_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
-    if cfg.tokenizer == "builtin":
-        return builtin_tokenizer(vocab_size, cfg.max_documents)
+    if cfg.tokenizer in ("builtin", "builtin-words"):
+        return builtin_tokenizer(vocab_size, cfg.max_documents, words=cfg.tokenizer == "builtin-words")
     tok = tokenizers.load(cfg.tokenizer)
     if tok.get_vocab_size() > vocab_size:
         raise DataError(f"data.tokenizer {cfg.tokenizer} has {tok.get_vocab_size()} tokens but model.vocab_size="
