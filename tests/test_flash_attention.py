@@ -214,9 +214,11 @@ def _decode_case(rng, b, s, h, kh, d, length, dtype):
 
 
 @pytest.mark.parametrize("b,s,h,kh,d,length", [(3, 64, 4, 2, 64, 40), (2, 48, 12, 12, 64, 48),
-                                                (2, 32, 16, 2, 128, 17), (1, 16, 8, 1, 32, 1)])
+                                                (2, 32, 16, 2, 128, 17), (1, 16, 8, 1, 32, 1),
+                                                (2, 32, 6, 2, 64, 20)])
 def test_decode_kernel_matches_reference(b, s, h, kh, d, length):
-    """Interpret mode, float32: one query per row against a left-padded cache read up to `length` (GQA 1-8)."""
+    """Interpret mode, float32: one query per row against a left-padded cache read up to `length` (GQA 1-8,
+    and 3: the query heads of a KV head are padded to 16 rows, so any count up to 16 works)."""
     from jaxllm.kernels.flash_attention import decode  # noqa: PLC0415
 
     args = _decode_case(np.random.default_rng(s + h), b, s, h, kh, d, length, jnp.float32)
@@ -248,3 +250,26 @@ def test_decode_kernel_on_gpu_matches_reference():
         got = jax.jit(decode.decode_attention)(*args, jnp.int32(length)).astype(jnp.float32)
         err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
         assert err < 1e-2, (b, s, h, kh, d, err)
+
+
+def test_decoding_on_gpu_falls_back_to_xla_and_says_why_once(monkeypatch, caplog):
+    """auto on a GPU sends a decode step to the kernel; a shape it can't take (head dim 96, or 32 query heads
+    per KV head: more than 16) goes to the XLA path with one log line per reason, with the same result as the reference."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention_mod, "_said", set())
+    length = jnp.int32(10)
+    assert attention_mod._decode_kernel_takes("auto", jnp.zeros((2, 1, 4, 128)), jnp.zeros((2, 32, 2, 128)), length)
+    assert not attention_mod._decode_kernel_takes("xla", jnp.zeros((2, 1, 4, 128)), jnp.zeros((2, 32, 2, 128)),
+                                                  length)
+    q, k, v, q_pos, kv_pos, kv_seg = _decode_case(np.random.default_rng(1), 2, 32, 4, 2, 96, 10, jnp.float32)
+    with caplog.at_level("WARNING", logger=attention_mod.log.name):
+        for _ in range(2):
+            got = attention_mod.attention(q, k, v, segment_ids=jnp.ones((2, 1), jnp.int32), kv_segment_ids=kv_seg,
+                                          q_positions=q_pos, kv_positions=kv_pos, kv_length=length)
+        assert not attention_mod._decode_kernel_takes("auto", jnp.zeros((2, 1, 64, 128)),
+                                                      jnp.zeros((2, 32, 2, 128)), length)
+    want = reference.attention(q, k, v, segment_ids=jnp.ones((2, 1), jnp.int32), kv_segment_ids=kv_seg,
+                               q_positions=q_pos, kv_positions=kv_pos)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    said = [r.getMessage() for r in caplog.records if "decode kernel" in r.getMessage()]
+    assert len(said) == 2 and "head_dim 96" in said[0] and "64 query heads over 2 KV heads" in said[1], said
