@@ -75,7 +75,8 @@ def attention(
 
     Position-based causality (q_positions / kv_positions) is for KV-cache decoding: one new token per row
     (T = 1) with kv_length (the cache columns written so far) goes to our Pallas decode kernel under "auto" on a
-    GPU and under "pallas" anywhere (kernels/flash_attention/decode.py); everything else there uses "xla".
+    GPU and under "pallas" on a GPU or the CPU (interpret mode; kernels/flash_attention/decode.py); everything
+    else there, and a TPU, uses "xla".
     """
     if q_positions is not None:
         if _decode_kernel_takes(impl, q, k, kv_length):
@@ -102,9 +103,10 @@ def _decode_kernel_takes(impl: str, q: jax.Array, k: jax.Array, kv_length: jax.A
     """Whether a KV-cache attention call goes to the decode kernel (else the "xla" reference)."""
     if impl not in ("auto", "pallas") or kv_length is None or q.shape[1] != 1:
         return False
-    if impl == "auto" and jax.default_backend() != "gpu":
+    backend = jax.default_backend()
+    if backend == "tpu" or (impl == "auto" and backend != "gpu"):  # no TPU decode kernel; CPU: tests only
         return False
-    reason = decode.unsupported_reason(q, k, gpu=jax.default_backend() == "gpu")
+    reason = decode.unsupported_reason(q, k, gpu=backend == "gpu")
     if reason is not None:
         _say_once(f"attention: decoding falls back from the Pallas decode kernel to xla: {reason}")
     return reason is None
