@@ -80,7 +80,8 @@ def attention(
     """
     if q_positions is not None:
         if _decode_kernel_takes(impl, q, k, kv_length):
-            return _per_shard_decode(q, k, v, q_positions, kv_positions, kv_segment_ids, kv_length)
+            return _per_shard(decode.decode_attention, (q, k, v, q_positions, kv_positions, kv_segment_ids, kv_length),
+                              (Q_AXES, KV_AXES, KV_AXES, ("batch", None), ("batch", "seq"), ("batch", "seq"), ()))
         return reference.attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                    causal=causal, q_positions=q_positions, kv_positions=kv_positions)
     impl = resolve_impl(impl, q, k, kv_segment_ids)
@@ -96,7 +97,8 @@ def attention(
     reason = unsupported_reason(q, k, kv_segment_ids)
     if reason is not None:
         raise ValueError(f"attention impl 'pallas' can't run this shape: {reason}; use impl='auto' or 'xla'")
-    return _per_shard(_pallas, q, k, v, segment_ids, kv_segment_ids, causal)
+    return _per_shard(lambda q, k, v, s, ks: _pallas(q, k, v, s, ks, causal), (q, k, v, segment_ids, kv_segment_ids),
+                      (Q_AXES, KV_AXES, KV_AXES, ("batch", "seq"), ("batch", "seq")))
 
 
 def _decode_kernel_takes(impl: str, q: jax.Array, k: jax.Array, kv_length: jax.Array | None) -> bool:
@@ -110,23 +112,6 @@ def _decode_kernel_takes(impl: str, q: jax.Array, k: jax.Array, kv_length: jax.A
     if reason is not None:
         _say_once(f"attention: decoding falls back from the Pallas decode kernel to xla: {reason}")
     return reason is None
-
-
-def _per_shard_decode(q, k, v, q_positions, kv_positions, kv_segment_ids, kv_length):
-    """decode.decode_attention on each device's shard (batch and heads split) under a mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return decode.decode_attention(q, k, v, q_positions, kv_positions, kv_segment_ids, kv_length)
-    q_spec = _mesh_spec(mesh, ("batch", "seq", "heads", "head_dim"))
-    kv_spec = _mesh_spec(mesh, ("batch", "seq", "kv_heads", "head_dim"))
-    row_spec = _mesh_spec(mesh, ("batch", None))
-    args = (q, k, v, q_positions, kv_positions, kv_segment_ids)
-    specs = (q_spec, kv_spec, kv_spec, row_spec, row_spec, row_spec)
-    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        args = tuple(jax.reshard(x, spec) for x, spec in zip(args, specs))
-    local = jax.shard_map(lambda *a: decode.decode_attention(*a[:6], a[6]), mesh=mesh,
-                          in_specs=(*specs, P()), out_specs=q_spec, check_vma=False)
-    return local(*args, kv_length)
 
 
 def _pallas(q, k, v, segment_ids, kv_segment_ids, causal):
@@ -148,22 +133,19 @@ def _mesh_spec(mesh, logical_axes: tuple[str, ...]) -> P:
     return P(*out)
 
 
-def _per_shard(fn, q, k, v, segment_ids, kv_segment_ids, causal):
-    """Run a Pallas kernel on each device's shard (batch and heads split, sequence whole) under a mesh.
+Q_AXES, KV_AXES = ("batch", "seq", "heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
+
+
+def _per_shard(fn, args: tuple, axes: tuple):
+    """fn(*args), a Pallas kernel, on each device's shard under a mesh (batch and heads split, sequence whole);
+    axes: each argument's logical axes (() for a replicated scalar); the output is laid out like args[0] (q).
 
     A pallas_call has no partitioning rule, so without this XLA would gather the whole batch to every device.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
-        return fn(q, k, v, segment_ids, kv_segment_ids, causal)
-    q_spec = _mesh_spec(mesh, ("batch", "seq", "heads", "head_dim"))
-    kv_spec = _mesh_spec(mesh, ("batch", "seq", "kv_heads", "head_dim"))
-    seg_spec = _mesh_spec(mesh, ("batch", "seq"))
-    seg_specs = (None if segment_ids is None else seg_spec, None if kv_segment_ids is None else seg_spec)
+        return fn(*args)
+    specs = tuple(None if x is None else _mesh_spec(mesh, a) for x, a in zip(args, axes))
     if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):  # explicit meshes: move the data first
-        q, k, v = jax.reshard(q, q_spec), jax.reshard(k, kv_spec), jax.reshard(v, kv_spec)
-        segment_ids, kv_segment_ids = (None if x is None else jax.reshard(x, seg_spec)
-                                       for x in (segment_ids, kv_segment_ids))
-    local = jax.shard_map(lambda q, k, v, s, ks: fn(q, k, v, s, ks, causal), mesh=mesh,
-                          in_specs=(q_spec, kv_spec, kv_spec, *seg_specs), out_specs=q_spec, check_vma=False)
-    return local(q, k, v, segment_ids, kv_segment_ids)
+        args = tuple(x if x is None else jax.reshard(x, spec) for x, spec in zip(args, specs))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)

@@ -10,9 +10,8 @@ for `generate` in tests.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from functools import partial
+from functools import cache, partial
 from typing import Any, Sequence
 
 import jax
@@ -124,17 +123,16 @@ def top_k_values(x: jax.Array, k: int, chunk: int = 0) -> jax.Array:
     Sorting a whole vocabulary row every decode step is the costliest part of top-k sampling on a GPU, so the
     row is narrowed first: its k largest values all lie in the k chunks (of `chunk` columns) with the largest
     maxima (a value outside them is below k chunk maxima, so k values are at least as large), ties included. So:
-    chunk maxima, top-k of those, gather those k chunks, repeat while that still narrows the row, then an exact
-    top-k of what is left. chunk=0 picks about sqrt(V / k).
+    chunk maxima, top-k of those, gather those k chunks (when there are at least 4k chunks), then an exact top-k
+    of what is left. chunk=0 picks about sqrt(V / k).
     """
     b, v = x.shape
     chunk = chunk or max(8, int(math.sqrt(v / k)))
-    while -(-v // chunk) >= 4 * k:
-        n = -(-v // chunk)
+    n = -(-v // chunk)
+    if n >= 4 * k:  # narrowing pays: k * chunk candidates left of V
         x = jnp.pad(x, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf).reshape(b, n, chunk)
         best = jax.lax.top_k(jnp.max(x, axis=-1), k)[1]  # [B, k] chunk indices
         x = jnp.take_along_axis(x, best[:, :, None], axis=1).reshape(b, k * chunk)  # [B, k * chunk]
-        v = k * chunk
     return jax.lax.top_k(x, k)[0]
 
 
@@ -243,7 +241,7 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
 CUBLAS_MIN_D_MODEL = 1536
 
 
-@functools.cache
+@cache
 def generate_jit(backend: str, d_model: int = 0):
     """generate_arrays jitted for a backend and model width. Decode's matmuls are skinny (batch rows times a
     weight matrix): on a GPU, cuBLAS ran them faster than XLA's Triton GEMMs for the 1b model (d_model 2048) and
