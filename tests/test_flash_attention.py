@@ -215,7 +215,7 @@ def _decode_case(rng, b, s, h, kh, d, length, dtype):
 
 @pytest.mark.parametrize("b,s,h,kh,d,length", [(3, 64, 4, 2, 64, 40), (2, 48, 12, 12, 64, 48),
                                                 (2, 32, 16, 2, 128, 17), (1, 16, 8, 1, 32, 1),
-                                                (2, 32, 6, 2, 64, 20)])
+                                                (2, 32, 6, 2, 64, 20), (2, 48, 32, 4, 64, 30)])
 def test_decode_kernel_matches_reference(b, s, h, kh, d, length):
     """Interpret mode, float32: one query per row against a left-padded cache read up to `length` (GQA 1-8,
     and 3: the query heads of a KV head are padded to 16 rows, so any count up to 16 works)."""
@@ -225,8 +225,9 @@ def test_decode_kernel_matches_reference(b, s, h, kh, d, length):
     q, k, v, q_pos, kv_pos, kv_seg = args
     want = reference.attention(q, k, v, segment_ids=jnp.ones((b, 1), jnp.int32), kv_segment_ids=kv_seg,
                                q_positions=q_pos, kv_positions=kv_pos)
-    got = decode.decode_attention(*args, jnp.int32(length), interpret=True)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for pad in (False, True):  # 16/32/64 query heads: each program reads the whole row's q (or padded rows)
+        got = decode.decode_attention(*args, jnp.int32(length), interpret=True, pad=pad)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     cut = s - 4
     with pytest.raises(ValueError, match=f"cache length {cut} is not a multiple of 16"):
         decode.decode_attention(q, k[:, :cut], v[:, :cut], q_pos, kv_pos[:, :cut], kv_seg[:, :cut],
@@ -247,9 +248,10 @@ def test_decode_kernel_on_gpu_matches_reference():
         q, k, v, q_pos, kv_pos, kv_seg = args
         want = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), segment_ids=jnp.ones((b, 1)),
                                    kv_segment_ids=kv_seg, q_positions=q_pos, kv_positions=kv_pos)
-        got = jax.jit(decode.decode_attention)(*args, jnp.int32(length)).astype(jnp.float32)
-        err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-        assert err < 1e-2, (b, s, h, kh, d, err)
+        for pad in (False, True):
+            got = jax.jit(decode.decode_attention, static_argnames="pad")(*args, jnp.int32(length), pad=pad)
+            err = float(jnp.linalg.norm(got.astype(jnp.float32) - want) / jnp.linalg.norm(want))
+            assert err < 1e-2, (b, s, h, kh, d, pad, err)
 
 
 def test_decoding_on_gpu_falls_back_to_xla_and_says_why_once(monkeypatch, caplog):
