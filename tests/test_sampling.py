@@ -118,6 +118,20 @@ def test_same_key_same_samples_different_keys_differ(model):
     assert (np.asarray(a) != np.asarray(c)).any()
 
 
+def test_prepared_params_sample_the_same_as_params(model):
+    """Params prepared once (`sampling.prepare`, as the CLI does for all its batches) give the same tokens and
+    log-probs as params prepared inside each call."""
+    cfg, graphdef, params = model
+    sc = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.95)
+    prepared = sampling.prepare(params, cfg)
+    assert isinstance(prepared, kv_cache.Prepared) and "wqkv" in prepared.layers[0]
+    want = sampling.generate(graphdef, params, PROMPTS, jax.random.key(1), sc)
+    got = sampling.generate(graphdef, params, PROMPTS, jax.random.key(1), sc, prepared=prepared)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-6, atol=1e-6)
+
+
 def np_log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))

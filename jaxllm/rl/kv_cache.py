@@ -9,7 +9,7 @@ which shares qkv/mlp with the training path.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,13 @@ Params = dict[str, Any]
 Cache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
+class Prepared(NamedTuple):
+    """Params laid out for decoding (`prepare_params`): top-level params and one dict per layer."""
+
+    top: Params
+    layers: list[Params]
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
     """Zeros: n_layers pairs of k, v [batch, length, n_kv_heads, head_dim] in the compute dtype."""
     shape = (batch, length, cfg.n_kv_heads, head_dim(cfg))
@@ -30,9 +37,9 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
                   constrain(jnp.zeros(shape, dtype), transformer.CACHE_AXES)) for _ in range(cfg.n_layers))
 
 
-def prepare_params(params: Params, cfg: ModelConfig) -> tuple[Params, list[Params]]:
+def prepare_params(params: Params, cfg: ModelConfig) -> Prepared:
     """(top-level params, one params dict per layer) with matrices cast to the compute dtype once and the
-    q/k/v and gate/up projections fused (transformer.fuse_projections): decode steps are launch-bound.
+    q/k/v and gate/up projections fused (transformer.fuse_projections): fewer, larger decode matmuls.
 
     Norm weights and biases keep their dtype so the numerics equal `transformer.logits` exactly (the
     training path casts matrices to the compute dtype inside each matmul, and only them).
@@ -45,7 +52,7 @@ def prepare_params(params: Params, cfg: ModelConfig) -> tuple[Params, list[Param
     top = {name: cast(w, 2) for name, w in params.items() if name != "layers"}
     layers = [transformer.fuse_projections({name: cast(w[i], 2) for name, w in params["layers"].items()})
               for i in range(cfg.n_layers)]
-    return top, layers
+    return Prepared(top, layers)
 
 
 def forward(top: Params, layers: list[Params], cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,

@@ -63,9 +63,10 @@ def generate_texts(run_dir: str | Path, prompts: Sequence[str], config: sampling
         if not prompt_ids:
             raise DataError(f"prompt {i} is empty (0 tokens): give some text")
     key = jax.random.PRNGKey(seed)
+    prepared = sampling.prepare(params, model_cfg)  # once for all batches
     for start, batch in _batches(ids, batch_size):
         tokens, logprobs, mask = (np.asarray(x) for x in sampling.generate(
-            graphdef, params, batch, jax.random.fold_in(key, start), config))
+            graphdef, params, batch, jax.random.fold_in(key, start), config, prepared=prepared))
         for row in range(min(len(batch), len(ids) - start)):
             n = int(mask[row].sum())
             new = tokens[row, :n].tolist()
