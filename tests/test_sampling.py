@@ -73,6 +73,11 @@ def test_cache_decoding_matches_full_forward(model, dtype, tol):
     prefill = jax.jit(sampling._prefill, static_argnums=(2, 6))
     forward = jax.jit(kv_cache.forward, static_argnums=2)
     logits, cache = prefill(top, layers, cfg, jnp.asarray(tokens), kv_positions, kv_segment_ids, p + steps)
+    # The prefill runs causal self-attention over the prompt (fresh=True); attending over the whole cache with
+    # positions and segment ids instead gives the same logits.
+    hidden, _ = forward(top, layers, cfg, jnp.asarray(tokens), kv_positions[:, :p],
+                        kv_cache.init_cache(cfg, b, p + steps), jnp.int32(0), kv_positions, kv_segment_ids)
+    np.testing.assert_allclose(np.asarray(kv_cache.last_logits(top, cfg, hidden)), np.asarray(logits), **tol)
     got = [logits]
     for t in range(steps - 1):
         hidden, cache = forward(top, layers, cfg, jnp.asarray(continuation[:, t:t + 1]),

@@ -164,23 +164,28 @@ CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
 
 def block_decode(p: Params, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],
-                 index: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array,
-                 cfg: ModelConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 index: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array, cfg: ModelConfig,
+                 fresh: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One decoder layer over T new tokens with a KV cache (prefill: T = prompt width; decode: T = 1).
 
     x: [B, T, D]; positions: [B, T] (exact per-row positions); cache: (k, v) each [B, S, K, D];
     index: scalar column where the new keys are written (shared by all rows: prompts are left-padded);
     kv_positions, kv_segment_ids: [B, S] for every cache column (0 = padding). Columns not yet written have
     positions beyond every query's, so position-based causality hides them. Returns (x, updated cache).
+    fresh: index is 0 and the cache empty (a prefill), so the new tokens attend only among themselves: causal
+    self-attention with kv_segment_ids[:, :T] (left padding = segment 0), the training path's flash kernel,
+    instead of attending over the whole cache. Left-padded rows keep column order = position order.
     """
     q, k, v = qkv(p, x, positions, cfg)
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
     cache_k, cache_v = constrain(cache_k, CACHE_AXES), constrain(cache_v, CACHE_AXES)
-    q_segment_ids = jnp.ones(positions.shape, jnp.int32)
-    attn = attention(q, cache_k, cache_v, segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                     q_positions=positions, kv_positions=kv_positions, impl=cfg.attention_impl,
-                     kv_length=index + x.shape[1])  # [B, T, H, D]
+    if fresh:
+        attn = attention(q, k, v, segment_ids=kv_segment_ids[:, :x.shape[1]], causal=True, impl=cfg.attention_impl)
+    else:
+        attn = attention(q, cache_k, cache_v, segment_ids=jnp.ones(positions.shape, jnp.int32),
+                         kv_segment_ids=kv_segment_ids, q_positions=positions, kv_positions=kv_positions,
+                         impl=cfg.attention_impl, kv_length=index + x.shape[1])  # [B, T, H, D]
     return _finish_block(p, x, attn, cfg), (cache_k, cache_v)
 
 

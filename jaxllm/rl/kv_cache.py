@@ -56,19 +56,20 @@ def prepare_params(params: Params, cfg: ModelConfig) -> Prepared:
 
 
 def forward(top: Params, layers: list[Params], cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            cache: Cache, index: jax.Array, kv_positions: jax.Array,
-            kv_segment_ids: jax.Array) -> tuple[jax.Array, Cache]:
+            cache: Cache, index: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array,
+            fresh: bool = False) -> tuple[jax.Array, Cache]:
     """Run T new tokens through every layer, writing their keys/values at cache column `index`.
 
     tokens, positions: [B, T] int32; kv_positions, kv_segment_ids: [B, S]. Returns final-normed hidden states
-    [B, T, D] in the compute dtype and the updated cache. `top`, `layers` come from `prepare_params`.
+    [B, T, D] in the compute dtype and the updated cache. `top`, `layers` come from `prepare_params`. fresh: a
+    prefill into an empty cache at index 0 (transformer.block_decode).
     """
     x = jnp.take(top["embed"], tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, T, D]
     x = constrain(x, ("batch", "seq", "act_embed"))
     new_cache = []
     for layer_params, layer_cache in zip(layers, cache):
         x, layer_cache = transformer.block_decode(layer_params, x, positions, layer_cache, index, kv_positions,
-                                                  kv_segment_ids, cfg)
+                                                  kv_segment_ids, cfg, fresh)
         new_cache.append(layer_cache)
     return transformer.rms_norm(x, top["final_norm"], cfg.norm_eps), tuple(new_cache)
 

@@ -187,7 +187,7 @@ def _prefill(top, layers, cfg: ModelConfig, prompt_tokens, kv_positions, kv_segm
     b, p = prompt_tokens.shape
     cache = kv_cache.init_cache(cfg, b, cache_len)
     hidden, cache = kv_cache.forward(top, layers, cfg, prompt_tokens, kv_positions[:, :p], cache, jnp.int32(0),
-                                     kv_positions, kv_segment_ids)
+                                     kv_positions, kv_segment_ids, fresh=True)
     return kv_cache.last_logits(top, cfg, hidden), cache
 
 
