@@ -73,6 +73,7 @@ def main() -> None:
     prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (64, 128)).astype(np.int32)
     batch = (jnp.asarray(prompts), jnp.full((64,), 128, jnp.int32))
     config = sampling.SamplingConfig(max_new_tokens=128, temperature=1.0, top_k=50, prompt_bucket=128)
+    params = jax.block_until_ready(sampling.prepare(params, cfg))  # prepared once, as bench_generate.py does
     for variant in args.attention_impl.split(","):
         # "+triton": XLA's Triton GEMMs, "+cublas": without them; no suffix: what sampling.generate_jit picks
         impl, gemm = (variant.split("+") + [""])[:2]
