@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.kernels.flash_attention import decode, reference
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import time_fn  # noqa: E402 (median seconds after two warm-ups)
 
 SHAPES = {"124m": (64, 12, 12, 64), "1b": (64, 16, 8, 128)}  # batch, query heads, KV heads, head dim
 
@@ -41,17 +44,6 @@ def chained(attend, chain: int):
     def run(q, *rest):
         return jax.lax.fori_loop(0, chain, lambda _, q: attend(q, *rest).astype(q.dtype), q)
     return jax.jit(run)
-
-
-def median_us(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -85,7 +77,7 @@ def main() -> None:
             try:
                 out = jax.jit(fn)(*fn_args).astype(jnp.float32)
                 err = float(jnp.linalg.norm(out - want) / jnp.linalg.norm(want))
-                us = median_us(chained(fn, args.chain), fn_args, args.iters) / args.chain
+                us = time_fn(chained(fn, args.chain), fn_args, args.iters) * 1e6 / args.chain
             except Exception as e:  # noqa: BLE001 (a launch setting that does not compile: report it)
                 print(f"# {name} {impl} {setting}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
