@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.kernels.flash_attention import decode, pallas_gpu, reference
@@ -114,6 +116,52 @@ def _decode_kernel_takes(impl: str, q: jax.Array, k: jax.Array, kv_length: jax.A
     return reason is None
 
 
+def decode_step_takes(impl: str, qkv_shape: tuple[int, ...], n_heads: int, cache_shape: tuple[int, ...]) -> bool:
+    """Whether a decode step (one new token per row, fused q/k/v projection qkv [B, H+2K, D]) runs as one
+    kernel (decode.decode_step: RoPE, cache write and attention). Same backends as the decode kernel; a shape
+    it can't take runs RoPE, the cache write and `attention` as separate ops, saying once why."""
+    backend = jax.default_backend()
+    if impl not in ("auto", "pallas") or backend == "tpu" or (impl == "auto" and backend != "gpu"):
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh is None or mesh.empty else _ways(mesh, "kv_heads")
+    b, rows, d = qkv_shape
+    local = (b, n_heads // shards + 2 * (rows - n_heads) // (2 * shards), d)
+    reason = decode.step_unsupported_reason(local, n_heads // shards, (*cache_shape[:2], cache_shape[2] // shards, d),
+                                            gpu=backend == "gpu")
+    if reason is not None:
+        _say_once(f"attention: a decode step runs as separate RoPE, cache-write and attention ops: {reason}")
+    return reason is None
+
+
+def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, cache: tuple[jax.Array, jax.Array],
+                q_positions: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array,
+                index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """decode.decode_step (see there for shapes) on each device's shard under a mesh: batch split, and heads
+    split by giving each device its own query heads' and KV heads' rows of qkv."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return decode.decode_step(qkv, n_heads, cos, sin, *cache, q_positions, kv_positions, kv_segment_ids, index)
+    kh = cache[0].shape[2]
+    q, k, v = jnp.split(qkv, [n_heads, n_heads + kh], axis=1)  # each device takes its heads of each
+
+    def local(q, k, v, cos, sin, cache_k, cache_v, q_positions, kv_positions, kv_segment_ids, index):
+        return decode.decode_step(jnp.concatenate([q, k, v], axis=1), q.shape[1], cos, sin, cache_k, cache_v,
+                                  q_positions, kv_positions, kv_segment_ids, index)
+
+    heads, kv_heads, row = ("batch", "heads", "head_dim"), ("batch", "kv_heads", "head_dim"), ("batch", None)
+    return _per_shard(local, (q, k, v, cos, sin, *cache, q_positions, kv_positions, kv_segment_ids, index),
+                      (heads, kv_heads, kv_heads, row, row, KV_AXES, KV_AXES, row, ("batch", "seq"),
+                       ("batch", "seq"), ()), out_axes=(heads, KV_AXES, KV_AXES))
+
+
+def _ways(mesh, logical_axis: str) -> int:
+    """How many devices split a logical axis on this mesh."""
+    entry = _mesh_spec(mesh, (logical_axis,))[0]
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return int(np.prod([mesh.shape[n] for n in names]))
+
+
 def _pallas(q, k, v, segment_ids, kv_segment_ids, causal):
     if jax.default_backend() == "tpu":
         from jaxllm.kernels.flash_attention import pallas_tpu  # noqa: PLC0415 (TPU only)
@@ -136,9 +184,10 @@ def _mesh_spec(mesh, logical_axes: tuple[str, ...]) -> P:
 Q_AXES, KV_AXES = ("batch", "seq", "heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
 
 
-def _per_shard(fn, args: tuple, axes: tuple):
+def _per_shard(fn, args: tuple, axes: tuple, out_axes: tuple | None = None):
     """fn(*args), a Pallas kernel, on each device's shard under a mesh (batch and heads split, sequence whole);
-    axes: each argument's logical axes (() for a replicated scalar); the output is laid out like args[0] (q).
+    axes: each argument's logical axes (() for a replicated scalar); the output is laid out like args[0] (q),
+    or, for several outputs, by out_axes (a tuple of logical axes per output).
 
     A pallas_call has no partitioning rule, so without this XLA would gather the whole batch to every device.
     """
@@ -148,4 +197,5 @@ def _per_shard(fn, args: tuple, axes: tuple):
     specs = tuple(None if x is None else _mesh_spec(mesh, a) for x, a in zip(args, axes))
     if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):  # explicit meshes: move the data first
         args = tuple(x if x is None else jax.reshard(x, spec) for x, spec in zip(args, specs))
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+    out_specs = specs[0] if out_axes is None else tuple(_mesh_spec(mesh, a) for a in out_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)

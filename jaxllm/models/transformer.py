@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig, head_dim
+from jaxllm.models import attention as attention_lib
 from jaxllm.models.attention import attention
 from jaxllm.parallel.rules import constrain
 
@@ -93,13 +94,19 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (x32 * weight).astype(x.dtype)
 
 
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, D/2] float32 of the RoPE angles at positions [B, T]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotate-half RoPE (the Hugging Face Llama layout). x: [B, T, N, D]; positions: [B, T]."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]  # [B, T, 1, D]
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    cos, sin = rope_tables(positions, d, theta)
+    cos = jnp.concatenate([cos] * 2, axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    sin = jnp.concatenate([sin] * 2, axis=-1)[:, :, None, :]
     x32 = x.astype(jnp.float32)
     rotated = jnp.concatenate([-x32[..., d // 2:], x32[..., : d // 2]], axis=-1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
@@ -114,16 +121,26 @@ def _dense(x: jax.Array, w: jax.Array, eq: str, p: Params, bias: str | None) -> 
 
 def qkv(p: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
     """Normed input -> RoPE'd q [B, T, H, D], k [B, T, K, D], v [B, T, K, D]."""
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
     if "wqkv" in p:  # fused by fuse_projections (decoding: one matmul instead of three)
-        fused = _dense(h, p["wqkv"], "btd,dnh->btnh", p, None)  # [B, T, H + 2K, D]
-        q, k, v = jnp.split(fused, [cfg.n_heads, cfg.n_heads + cfg.n_kv_heads], axis=2)
-        q, k, v = (y + p[b].astype(y.dtype) if b in p else y for y, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+        q, k, v = jnp.split(project_qkv(p, x, cfg), [cfg.n_heads, cfg.n_heads + cfg.n_kv_heads], axis=2)
     else:
+        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
         q = _dense(h, p["wq"], "btd,dnh->btnh", p, "bq")
         k = _dense(h, p["wk"], "btd,dnh->btnh", p, "bk")
         v = _dense(h, p["wv"], "btd,dnh->btnh", p, "bv")
     return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+
+def project_qkv(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Normed input through the fused projection (fuse_projections), biases added, before RoPE:
+    [B, T, H + 2K, D] (query heads, then keys, then values)."""
+    fused = _dense(rms_norm(x, p["attn_norm"], cfg.norm_eps), p["wqkv"], "btd,dnh->btnh", p, None)
+    biases = [p.get(name) for name in ("bq", "bk", "bv")]
+    if all(b is None for b in biases):
+        return fused
+    sizes = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)
+    bias = jnp.concatenate([jnp.zeros((n, fused.shape[-1])) if b is None else b for b, n in zip(biases, sizes)])
+    return fused + bias.astype(fused.dtype)
 
 
 def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -176,6 +193,14 @@ def block_decode(p: Params, x: jax.Array, positions: jax.Array, cache: tuple[jax
     self-attention with kv_segment_ids[:, :T] (left padding = segment 0), the training path's flash kernel,
     instead of attending over the whole cache. Left-padded rows keep column order = position order.
     """
+    if not fresh and x.shape[1] == 1 and "wqkv" in p:  # one new token: RoPE, cache write, attention in one kernel
+        fused = project_qkv(p, x, cfg)[:, 0]  # [B, H + 2K, D]
+        if attention_lib.decode_step_takes(cfg.attention_impl, fused.shape, cfg.n_heads, cache[0].shape):
+            cos, sin = rope_tables(positions[:, 0], fused.shape[-1], cfg.rope_theta)  # [B, D/2] each
+            attn, cache_k, cache_v = attention_lib.decode_step(fused, cfg.n_heads, cos, sin, cache, positions,
+                                                               kv_positions, kv_segment_ids, index)
+            cache_k, cache_v = constrain(cache_k, CACHE_AXES), constrain(cache_v, CACHE_AXES)
+            return _finish_block(p, x, attn[:, None], cfg), (cache_k, cache_v)
     q, k, v = qkv(p, x, positions, cfg)
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)

@@ -146,3 +146,145 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     )(qg, k, v, q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
       jnp.reshape(length, (1,)).astype(jnp.int32))
     return out.reshape(b, 1, h, d) if whole_row else out[:, :, :g].reshape(b, 1, h, d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One decode step of a layer's attention in one kernel: RoPE on the new query and key, the new key and value
+# written into the cache (in place), and attention over the cache plus the new token.
+
+
+def step_unsupported_reason(qkv_shape: tuple[int, ...], n_heads: int, cache_shape: tuple[int, ...],
+                            gpu: bool = True) -> str | None:
+    """Why `decode_step` can't take a fused projection qkv [B, H+2K, D] against a cache [B, S, K, D] (None when
+    it can). On a GPU it needs 16, 32 or 64 query heads (each program reads a row's whole query: a tensor-core
+    tile); in interpret mode any count runs."""
+    b, rows, d = qkv_shape
+    kh = cache_shape[2]
+    if rows != n_heads + 2 * kh or n_heads % kh or n_heads // kh > ROWS:
+        return f"{n_heads} query heads over {kh} KV heads in {rows} projected rows"
+    if gpu and n_heads not in (16, 32, 64):
+        return f"{n_heads} query heads (the fused decode step takes 16, 32 or 64 on a GPU)"
+    if gpu and d not in (64, 128, 256):
+        return f"head_dim {d} (the fused decode step takes 64, 128, 256)"
+    if d % 2:
+        return f"head_dim {d} is odd (RoPE rotates halves)"
+    if block_size(cache_shape[1]) is None:
+        return f"cache length {cache_shape[1]} is not a multiple of 16"
+    return None
+
+
+def _rotate(ref, cos, sin, lead: tuple) -> tuple[jax.Array, jax.Array]:
+    """Rotate-half RoPE of ref[*lead, :] in float32, as its two halves in ref's dtype (transformer.rope)."""
+    half = cos.shape[-1]
+    a = ref[(*lead, pl.ds(0, half))].astype(jnp.float32)
+    b = ref[(*lead, pl.ds(half, half))].astype(jnp.float32)
+    return (a * cos - b * sin).astype(ref.dtype), (b * cos + a * sin).astype(ref.dtype)
+
+
+def _step_kernel(q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref, qpos_ref, kpos_ref, kseg_ref,
+                 index_ref, o_ref, k_out_ref, v_out_ref, *, scale: float, block: int, group: int):
+    """One (row, KV head). q_ref [H, D]: the row's query heads before RoPE; k_new_ref, v_new_ref [D]: this KV
+    head's new key (before RoPE) and value; k_ref/v_ref and k_out_ref/v_out_ref: the same cache slab [S, D].
+    Columns before `index` are read; column `index` is written; the new key enters the softmax from registers."""
+    half = cos_ref.shape[-1]
+    cos, sin = cos_ref[...], sin_ref[...]  # [D/2] float32
+    qa, qb = _rotate(q_ref, cos[None, :], sin[None, :], (slice(None),))  # [H, D/2] each
+    ka, kb = _rotate(k_new_ref, cos, sin, ())  # [D/2] each
+    v_new = v_new_ref[...]  # [D]
+    index = jnp.sum(index_ref[...])
+    k_out_ref[index, pl.ds(0, half)] = ka
+    k_out_ref[index, pl.ds(half, half)] = kb
+    v_out_ref[index, :] = v_new
+
+    rows = qa.shape[0]
+    mine = lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), group) == pl.program_id(1)
+    qpos = qpos_ref[...]  # [1]
+    f32 = jnp.float32
+    s_new = (jnp.sum(qa.astype(f32) * ka.astype(f32)[None, :], axis=1)
+             + jnp.sum(qb.astype(f32) * kb.astype(f32)[None, :], axis=1)) * (scale * LOG2E)  # [H]
+    dims = (((1,), (1,)), ((), ()))
+
+    def body(j, carry):
+        acc, m, l = carry
+        start = j * block
+        cols = start + lax.broadcasted_iota(jnp.int32, (block,), 0)
+        s = (lax.dot_general(qa, k_ref[pl.ds(start, block), pl.ds(0, half)], dims, preferred_element_type=f32)
+             + lax.dot_general(qb, k_ref[pl.ds(start, block), pl.ds(half, half)], dims, preferred_element_type=f32))
+        allowed = ((kpos_ref[pl.ds(start, block)] <= qpos) & (kseg_ref[pl.ds(start, block)] != 0)
+                   & (cols < index))  # [block]; column index and later hold no key yet (the new one is in m, l)
+        s = jnp.where(allowed[None, :] & mine[:, None], s * (scale * LOG2E), -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - m_use[:, None])
+        v = v_ref[pl.ds(start, block), :]
+        acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                     preferred_element_type=f32)
+        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+    # The softmax starts from the new key alone (weight 1 at max s_new) on this KV head's rows.
+    own = jnp.where(mine, 1.0, 0.0)
+    init = (own[:, None] * v_new.astype(f32)[None, :], jnp.where(mine, s_new, -jnp.inf), own)
+    acc, _, l = lax.fori_loop(0, lax.div(index + (block - 1), block), body, init)
+    out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (masked store; interpret too)
+
+    pltriton.store(o_ref, out, mask=mine[:, None])
+
+
+def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, cache_k: jax.Array,
+                cache_v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array,
+                index: jax.Array, *, interpret: bool | None = None, block: int | None = None, warps: int = 2,
+                stages: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A layer's attention for one new token per row, from the fused q/k/v projection, in one kernel.
+
+    qkv: [B, H+2K, D], the projection before RoPE (rows: H query heads, K keys, K values); cos, sin: [B, D/2]
+    float32 RoPE tables of the new tokens' positions (transformer.rope_tables); cache_k, cache_v: [B, S, K, D]
+    (S a multiple of 16), updated in place at column `index` (a scalar int: the columns before it are the
+    cache so far); q_positions: [B, 1]; kv_positions, kv_segment_ids: [B, S] as in `decode_attention`.
+    Returns (attention [B, H, D], cache_k, cache_v). Equals transformer.rope on q and k, then
+    dynamic_update_slice into the cache, then `decode_attention` with length index + 1 — with the three
+    small kernels around the attention gone. Launch settings as `decode_attention`.
+    """
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    reason = step_unsupported_reason(qkv.shape, n_heads, cache_k.shape, gpu=not interpret)
+    if reason is not None:
+        raise ValueError(f"decode_step can't take qkv {qkv.shape}, cache {cache_k.shape}: {reason}")
+    b, _, d = qkv.shape
+    s, kh = cache_k.shape[1], cache_k.shape[2]
+    small = d <= 64
+    block = block_size(s, block or (64 if small else 32))
+    params = {"interpret": True}
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (GPU only)
+
+        params = {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages or (2 if small else 3))}
+    row = lambda bi, hi: (bi, 0)  # noqa: E731
+    q_spec = pl.BlockSpec((None, n_heads, d), lambda bi, hi: (bi, 0, 0))
+    cache_spec = pl.BlockSpec((None, s, None, d), lambda bi, hi: (bi, 0, hi, 0))
+    out, cache_k, cache_v = pl.pallas_call(
+        functools.partial(_step_kernel, scale=d**-0.5, block=block, group=n_heads // kh),
+        grid=(b, kh),
+        in_specs=[
+            q_spec,
+            pl.BlockSpec((None, None, d), lambda bi, hi: (bi, n_heads + hi, 0)),
+            pl.BlockSpec((None, None, d), lambda bi, hi: (bi, n_heads + kh + hi, 0)),
+            pl.BlockSpec((None, d // 2), row),
+            pl.BlockSpec((None, d // 2), row),
+            cache_spec,
+            cache_spec,
+            pl.BlockSpec((None, 1), row),
+            pl.BlockSpec((None, s), row),
+            pl.BlockSpec((None, s), row),
+            pl.BlockSpec((1,), lambda bi, hi: (0,)),
+        ],
+        out_specs=[q_spec, cache_spec, cache_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, n_heads, d), qkv.dtype), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
+                   jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)],
+        input_output_aliases={5: 1, 6: 2},
+        name="jaxllm_decode_step",
+        **params,
+    )(qkv, qkv, qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), cache_k, cache_v,
+      q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
+      jnp.reshape(index, (1,)).astype(jnp.int32))
+    return out, cache_k, cache_v
