@@ -243,16 +243,18 @@ def test_stop_token_ends_row_and_is_kept(model):
 
 
 @pytest.mark.parametrize("v,k,chunk", [(32000, 50, 0), (1000, 7, 8), (4096, 3, 16), (512, 50, 0)])
-def test_top_k_values_equal_a_full_sort(v, k, chunk):
+def test_top_k_equals_a_full_sort(v, k, chunk):
     """The narrowed top-k (chunk maxima first) against NumPy's full sort: random rows, rows full of ties, and
-    rows half -inf (what top-k after a mask looks like)."""
+    rows half -inf (what top-k after a mask looks like); the columns returned hold those values, once each."""
     rng = np.random.default_rng(v + k)
     x = rng.normal(size=(3, 4, v)).astype(np.float32)
     x[1] = np.round(x[1] * 2) / 2  # many ties at every value
     x[2, :, : v // 2] = -np.inf
     for rows in x:
-        want = -np.sort(-rows, axis=-1)[:, :k]
-        np.testing.assert_array_equal(np.asarray(sampling.top_k_values(jnp.asarray(rows), k, chunk)), want)
+        values, columns = (np.asarray(a) for a in sampling.top_k_columns(jnp.asarray(rows), k, chunk))
+        np.testing.assert_array_equal(values, -np.sort(-rows, axis=-1)[:, :k])
+        np.testing.assert_array_equal(np.take_along_axis(rows, columns, axis=-1), values)
+        assert all(len(set(row)) == k for row in columns.tolist())
 
 
 def test_decode_kernel_rollouts_match_the_xla_path(model):

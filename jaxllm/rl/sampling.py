@@ -117,67 +117,83 @@ def simple_generate(params, cfg: ModelConfig, prompt: list[int], key: jax.Array,
 # The KV-cache sampler.
 
 
-def top_k_values(x: jax.Array, k: int, chunk: int = 0) -> jax.Array:
-    """The k largest values of each row of x [B, V], descending: [B, k], equal to `jax.lax.top_k(x, k)[0]`.
+def top_k_columns(x: jax.Array, k: int, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """The k largest values of each row of x [B, V], descending, and their columns: ([B, k], [B, k] int32).
 
-    Sorting a whole vocabulary row every decode step is the costliest part of top-k sampling on a GPU, so the
-    row is narrowed first: its k largest values all lie in the k chunks (of `chunk` columns) with the largest
-    maxima (a value outside them is below k chunk maxima, so k values are at least as large), ties included. So:
+    The values equal `jax.lax.top_k(x, k)[0]`; among columns tied at the k-th value, which are returned is
+    not specified. Sorting a whole vocabulary row every decode step is the costliest part of top-k sampling on
+    a GPU, so the row is narrowed first: its k largest values all lie in the k chunks (of `chunk` columns) with
+    the largest maxima (a value outside them is below k chunk maxima, so k values are at least as large). So:
     chunk maxima, top-k of those, gather those k chunks (when there are at least 4k chunks), then an exact top-k
     of what is left. chunk=0 picks about sqrt(V / k).
     """
     b, v = x.shape
     chunk = chunk or max(8, int(math.sqrt(v / k)))
     n = -(-v // chunk)
-    if n >= 4 * k:  # narrowing pays: k * chunk candidates left of V
-        x = jnp.pad(x, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf).reshape(b, n, chunk)
-        best = jax.lax.top_k(jnp.max(x, axis=-1), k)[1]  # [B, k] chunk indices
-        x = jnp.take_along_axis(x, best[:, :, None], axis=1).reshape(b, k * chunk)  # [B, k * chunk]
-    return jax.lax.top_k(x, k)[0]
+    if n < 4 * k:  # narrowing would not pay
+        values, columns = jax.lax.top_k(x, k)
+        return values, columns.astype(jnp.int32)
+    x = jnp.pad(x, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf).reshape(b, n, chunk)
+    best = jax.lax.top_k(jnp.max(x, axis=-1), k)[1]  # [B, k] chunk indices
+    candidates = jnp.take_along_axis(x, best[:, :, None], axis=1).reshape(b, k * chunk)  # [B, k * chunk]
+    columns = (best[:, :, None] * chunk + jnp.arange(chunk)).reshape(b, k * chunk)
+    values, picked = jax.lax.top_k(candidates, k)
+    # A padding column (value -inf) can only be picked when fewer than k values exceed -inf; keep it in range.
+    return values, jnp.minimum(jnp.take_along_axis(columns, picked, axis=1), v - 1).astype(jnp.int32)
+
+
+def nucleus(ranked: jax.Array, top_p: float) -> jax.Array:
+    """Top-p over values [B, N] sorted descending: -inf after the shortest prefix whose probability mass
+    (softmax over the row) reaches top_p; the first value is always kept."""
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < top_p) | (jnp.arange(ranked.shape[-1]) == 0)
+    return jnp.where(keep, ranked, -jnp.inf)
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """The logits actually sampled from: divided by temperature, then top-k, then top-p (nucleus).
+    """The logits sampled from, over the whole vocabulary: divided by temperature, then top-k, then top-p.
 
-    logits: [B, V] float32; returns [B, V] float32 with -inf outside the allowed set. Top-p keeps the smallest
-    prefix of tokens (by descending probability after top-k) whose mass reaches top_p; the top token is always
-    kept. Tokens tied with the last kept value are kept too. temperature must be > 0 here.
+    logits: [B, V] float32; returns [B, V] float32 with -inf outside the allowed set: the top_k largest
+    (`sample_logits` samples these among the top-k candidates directly), then the smallest prefix of them (by
+    descending probability) whose mass reaches top_p; the top token is always kept. Tokens tied with the last
+    kept value are kept too. temperature must be > 0 here.
     """
     logits = logits.astype(jnp.float32) / temperature
-    vocab = logits.shape[-1]
     if top_k == 0 and top_p >= 1.0:
         return logits
-    if top_k:
-        ranked = top_k_values(logits, top_k)  # [B, k] descending
-    else:
-        ranked = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+    ranked = top_k_columns(logits, top_k)[0] if top_k else -jnp.sort(-logits, axis=-1)  # [B, k or V] descending
     if top_p < 1.0:
-        probs = jax.nn.softmax(ranked, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)  # [B, 1]
-    else:
-        n_keep = jnp.full((logits.shape[0], 1), min(top_k or vocab, vocab))
-    threshold = jnp.take_along_axis(ranked, n_keep - 1, axis=-1)  # [B, 1]
+        ranked = nucleus(ranked, top_p)
+    threshold = jnp.min(jnp.where(jnp.isneginf(ranked), jnp.inf, ranked), axis=-1, keepdims=True)  # [B, 1]
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
 def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """One token per row from logits [B, V] float32 -> (tokens [B] int32, logprobs [B] float32)."""
+    """One token per row from logits [B, V] float32 -> (tokens [B] int32, logprobs [B] float32).
+
+    With top-k the draw is among the k candidates only (exactly k tokens: on a tie at the k-th value, which
+    tied token is a candidate is not specified), so the random draw and the renormalisation cost O(k), not
+    O(V), per row."""
     greedy = config.temperature == 0.0
     if greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        filtered = None
+        if config.logprobs == "sampler":
+            return tokens, jnp.zeros(tokens.shape, jnp.float32)
+    elif config.top_k:
+        ranked, columns = top_k_columns(logits.astype(jnp.float32) / config.temperature, config.top_k)  # [B, k]
+        if config.top_p < 1.0:
+            ranked = nucleus(ranked, config.top_p)
+        choice = jax.random.categorical(key, ranked, axis=-1)[:, None]  # [B, 1]
+        tokens = jnp.take_along_axis(columns, choice, axis=-1)[:, 0]
+        if config.logprobs == "sampler":
+            return tokens, jnp.take_along_axis(jax.nn.log_softmax(ranked, axis=-1), choice, axis=-1)[:, 0]
     else:
         filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
         tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    if config.logprobs == "sampler":
-        if greedy:
-            return tokens, jnp.zeros(tokens.shape, jnp.float32)
-        source = filtered
-    elif config.logprobs == "tempered" and not greedy:
-        source = logits / config.temperature
-    else:
-        source = logits
+        if config.logprobs == "sampler":
+            return tokens, jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    source = logits / config.temperature if config.logprobs == "tempered" and not greedy else logits
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(source, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
 
