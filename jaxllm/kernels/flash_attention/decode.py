@@ -61,29 +61,41 @@ def _kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, kseg_ref, len_ref, o_ref, *
         mine = lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), group) == pl.program_id(1)
 
     def body(j, carry):
-        acc, m, l = carry
         start = j * block
         k = k_ref[pl.ds(start, block), :]  # [block, D]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [R, block]
         allowed = (kpos_ref[pl.ds(start, block)] <= qpos) & (kseg_ref[pl.ds(start, block)] != 0)  # [block]
         s = jnp.where(allowed[None, :] & mine[:, None], s * (scale * LOG2E), -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s - m_use[:, None])
-        v = v_ref[pl.ds(start, block), :]
-        acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                     preferred_element_type=jnp.float32)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+        return _accumulate(carry, s, v_ref, start)
 
     d = q.shape[-1]
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    acc, _, l = lax.fori_loop(0, n_blocks, body, init)
+    _finish(o_ref, lax.fori_loop(0, n_blocks, body, init), None if group is None else mine)
+
+
+def _accumulate(carry, s: jax.Array, v_ref, start: jax.Array):
+    """One key block of the online softmax (base 2): carry (acc [R, D], max [R], sum [R]) float32; s [R, block]
+    scaled scores, -inf where masked; the block's values are v_ref[start : start + block]."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    v = v_ref[pl.ds(start, s.shape[1]), :]
+    acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+
+def _finish(o_ref, carry, mine: jax.Array | None) -> None:
+    """Normalise the online softmax's accumulator (zeros for a row with no allowed key) into o_ref; with mine,
+    store only those rows (the row's other KV heads' programs store the rest)."""
+    acc, _, l = carry
     out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
-    if group is None:
+    if mine is None:
         o_ref[...] = out
-    else:  # the row's other KV heads' programs store the other rows of this block
+    else:
         from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (masked store; interpret too)
 
         pltriton.store(o_ref, out, mask=mine[:, None])
@@ -205,7 +217,6 @@ def _step_kernel(q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref, qp
     dims = (((1,), (1,)), ((), ()))
 
     def body(j, carry):
-        acc, m, l = carry
         start = j * block
         cols = start + lax.broadcasted_iota(jnp.int32, (block,), 0)
         s = (lax.dot_general(qa, k_ref[pl.ds(start, block), pl.ds(0, half)], dims, preferred_element_type=f32)
@@ -213,23 +224,12 @@ def _step_kernel(q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref, qp
         allowed = ((kpos_ref[pl.ds(start, block)] <= qpos) & (kseg_ref[pl.ds(start, block)] != 0)
                    & (cols < index))  # [block]; column index and later hold no key yet (the new one is in m, l)
         s = jnp.where(allowed[None, :] & mine[:, None], s * (scale * LOG2E), -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s - m_use[:, None])
-        v = v_ref[pl.ds(start, block), :]
-        acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                     preferred_element_type=f32)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+        return _accumulate(carry, s, v_ref, start)
 
     # The softmax starts from the new key alone (weight 1 at max s_new) on this KV head's rows.
     own = jnp.where(mine, 1.0, 0.0)
     init = (own[:, None] * v_new.astype(f32)[None, :], jnp.where(mine, s_new, -jnp.inf), own)
-    acc, _, l = lax.fori_loop(0, lax.div(index + (block - 1), block), body, init)
-    out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
-    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (masked store; interpret too)
-
-    pltriton.store(o_ref, out, mask=mine[:, None])
+    _finish(o_ref, lax.fori_loop(0, lax.div(index + (block - 1), block), body, init), mine)
 
 
 def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, cache_k: jax.Array,
