@@ -342,3 +342,17 @@ def test_decoding_on_gpu_falls_back_to_xla_and_says_why_once(monkeypatch, caplog
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     said = [r.getMessage() for r in caplog.records if "decode kernel" in r.getMessage()]
     assert len(said) == 2 and "head_dim 96" in said[0] and "64 query heads over 2 KV heads" in said[1], said
+
+
+def test_decode_step_on_gpu_falls_back_and_says_why_once(monkeypatch, caplog):
+    """auto on a GPU fuses a decode step for 16/32/64 query heads; 12 heads (the 124m model) runs RoPE, the
+    cache write and attention as separate ops, with one log line; xla never fuses."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention_mod, "_said", set())
+    assert attention_mod.decode_step_takes("auto", (2, 32, 128), 16, (2, 256, 8, 128))
+    assert not attention_mod.decode_step_takes("xla", (2, 32, 128), 16, (2, 256, 8, 128))
+    with caplog.at_level("WARNING", logger=attention_mod.log.name):
+        for _ in range(2):
+            assert not attention_mod.decode_step_takes("auto", (2, 36, 64), 12, (2, 256, 12, 64))
+    said = [r.getMessage() for r in caplog.records if "decode step" in r.getMessage()]
+    assert len(said) == 1 and "12 query heads" in said[0], said

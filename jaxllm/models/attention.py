@@ -126,9 +126,12 @@ def decode_step_takes(impl: str, qkv_shape: tuple[int, ...], n_heads: int, cache
     mesh = jax.sharding.get_abstract_mesh()
     shards = 1 if mesh is None or mesh.empty else _ways(mesh, "kv_heads")
     b, rows, d = qkv_shape
-    local = (b, n_heads // shards + 2 * (rows - n_heads) // (2 * shards), d)
-    reason = decode.step_unsupported_reason(local, n_heads // shards, (*cache_shape[:2], cache_shape[2] // shards, d),
-                                            gpu=backend == "gpu")
+    if n_heads % shards or cache_shape[2] % shards:
+        reason = f"{n_heads} query / {cache_shape[2]} KV heads do not split over {shards} devices"
+    else:
+        local = (b, (n_heads + 2 * cache_shape[2]) // shards, d)
+        reason = decode.step_unsupported_reason(local, n_heads // shards,
+                                                (*cache_shape[:2], cache_shape[2] // shards, d), gpu=backend == "gpu")
     if reason is not None:
         _say_once(f"attention: a decode step runs as separate RoPE, cache-write and attention ops: {reason}")
     return reason is None
