@@ -282,7 +282,7 @@ def _step_oracle(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index):
 
 
 @pytest.mark.parametrize("b,s,h,kh,d,index", [(3, 64, 4, 2, 64, 40), (2, 32, 16, 2, 128, 17), (1, 16, 8, 1, 32, 1),
-                                               (2, 48, 32, 4, 64, 30), (2, 32, 4, 4, 16, 31)])
+                                               (2, 48, 32, 4, 64, 30), (2, 32, 4, 4, 16, 31), (2, 32, 12, 4, 16, 9)])
 def test_decode_step_matches_rope_cache_write_and_reference(b, s, h, kh, d, index):
     """Interpret mode, float32: the fused decode step (RoPE, cache write at `index`, attention over the columns
     before it plus the new key) against the separate ops; the cache's other columns are untouched."""
@@ -290,10 +290,12 @@ def test_decode_step_matches_rope_cache_write_and_reference(b, s, h, kh, d, inde
 
     qkv, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg = _step_case(np.random.default_rng(s + h), b, s, h, kh,
                                                                         d, index, jnp.float32)
-    got = decode.decode_step(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg, jnp.int32(index),
-                             interpret=True)
-    for got_x, want_x in zip(got, _step_oracle(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)):
-        np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), rtol=1e-5, atol=1e-5)
+    want = _step_oracle(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)
+    for pad in (False, True):  # 16/32/64 query heads: the whole row's query, or gathered per KV head
+        got = decode.decode_step(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg, jnp.int32(index),
+                                 interpret=True, pad=pad)
+        for got_x, want_x in zip(got, want):
+            np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="3 query heads over 2 KV heads"):
         bad_cache = jnp.zeros((b, s, 2, d))
         decode.decode_step(jnp.zeros((b, 7, d)), 3, cos, sin, bad_cache, bad_cache, q_pos, kv_pos, kv_seg,
@@ -309,16 +311,18 @@ def test_decode_step_on_gpu_matches_reference():
     from jaxllm.kernels.flash_attention import decode  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
-    for b, s, h, kh, d, index in [(64, 256, 16, 8, 128, 200), (8, 512, 32, 4, 64, 300), (4, 64, 16, 1, 128, 63)]:
+    step = jax.jit(decode.decode_step, static_argnums=1, static_argnames="pad")
+    for b, s, h, kh, d, index in [(64, 256, 16, 8, 128, 200), (8, 512, 32, 4, 64, 300), (4, 64, 16, 1, 128, 63),
+                                  (64, 256, 12, 12, 64, 130), (4, 128, 12, 4, 128, 77)]:
         qkv, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg = _step_case(rng, b, s, h, kh, d, index, jnp.bfloat16)
-        got = jax.jit(decode.decode_step, static_argnums=1)(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos,
-                                                            kv_seg, jnp.int32(index))
         want = _step_oracle(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)
-        err = float(jnp.linalg.norm(got[0].astype(jnp.float32) - want[0]) / jnp.linalg.norm(want[0]))
-        assert err < 1e-2, (b, s, h, kh, d, err)
-        for got_c, want_c in zip(got[1:], want[1:]):
-            want_c = np.asarray(want_c.astype(jnp.bfloat16).astype(jnp.float32))
-            np.testing.assert_allclose(np.asarray(got_c.astype(jnp.float32)), want_c, rtol=1e-2, atol=1e-2)
+        for pad in (False, True):
+            got = step(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg, jnp.int32(index), pad=pad)
+            err = float(jnp.linalg.norm(got[0].astype(jnp.float32) - want[0]) / jnp.linalg.norm(want[0]))
+            assert err < 1e-2, (b, s, h, kh, d, pad, err)
+            for got_c, want_c in zip(got[1:], want[1:]):
+                want_c = np.asarray(want_c.astype(jnp.bfloat16).astype(jnp.float32))
+                np.testing.assert_allclose(np.asarray(got_c.astype(jnp.float32)), want_c, rtol=1e-2, atol=1e-2)
 
 
 def test_decoding_on_gpu_falls_back_to_xla_and_says_why_once(monkeypatch, caplog):
@@ -345,14 +349,15 @@ def test_decoding_on_gpu_falls_back_to_xla_and_says_why_once(monkeypatch, caplog
 
 
 def test_decode_step_on_gpu_falls_back_and_says_why_once(monkeypatch, caplog):
-    """auto on a GPU fuses a decode step for 16/32/64 query heads; 12 heads (the 124m model) runs RoPE, the
-    cache write and attention as separate ops, with one log line; xla never fuses."""
+    """auto on a GPU fuses a decode step (16 heads over 8, and 12 over 12: the 1b and 124m models); head dim 96
+    runs RoPE, the cache write and attention as separate ops, with one log line; xla never fuses."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(attention_mod, "_said", set())
     assert attention_mod.decode_step_takes("auto", (2, 32, 128), 16, (2, 256, 8, 128))
+    assert attention_mod.decode_step_takes("auto", (2, 36, 64), 12, (2, 256, 12, 64))
     assert not attention_mod.decode_step_takes("xla", (2, 32, 128), 16, (2, 256, 8, 128))
     with caplog.at_level("WARNING", logger=attention_mod.log.name):
         for _ in range(2):
-            assert not attention_mod.decode_step_takes("auto", (2, 36, 64), 12, (2, 256, 12, 64))
+            assert not attention_mod.decode_step_takes("auto", (2, 36, 96), 12, (2, 256, 12, 96))
     said = [r.getMessage() for r in caplog.records if "decode step" in r.getMessage()]
-    assert len(said) == 1 and "12 query heads" in said[0], said
+    assert len(said) == 1 and "head_dim 96" in said[0], said

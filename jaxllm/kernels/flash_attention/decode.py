@@ -168,14 +168,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
 def step_unsupported_reason(qkv_shape: tuple[int, ...], n_heads: int, cache_shape: tuple[int, ...],
                             gpu: bool = True) -> str | None:
     """Why `decode_step` can't take a fused projection qkv [B, H+2K, D] against a cache [B, S, K, D] (None when
-    it can). On a GPU it needs 16, 32 or 64 query heads (each program reads a row's whole query: a tensor-core
-    tile); in interpret mode any count runs."""
+    it can): up to ROWS query heads per KV head; on a GPU head dims 64, 128, 256 (interpret mode: any even)."""
     b, rows, d = qkv_shape
     kh = cache_shape[2]
     if rows != n_heads + 2 * kh or n_heads % kh or n_heads // kh > ROWS:
-        return f"{n_heads} query heads over {kh} KV heads in {rows} projected rows"
-    if gpu and n_heads not in (16, 32, 64):
-        return f"{n_heads} query heads (the fused decode step takes 16, 32 or 64 on a GPU)"
+        return f"{n_heads} query heads over {kh} KV heads in {rows} projected rows (up to {ROWS} per KV head)"
     if gpu and d not in (64, 128, 256):
         return f"head_dim {d} (the fused decode step takes 64, 128, 256)"
     if d % 2:
@@ -193,14 +190,41 @@ def _rotate(ref, cos, sin, lead: tuple) -> tuple[jax.Array, jax.Array]:
     return (a * cos - b * sin).astype(ref.dtype), (b * cos + a * sin).astype(ref.dtype)
 
 
+def _step_queries(q_ref, cos: jax.Array, sin: jax.Array, group: int, whole: bool):
+    """This program's RoPE'd query rows as two halves [R, D/2] (tensor-core tiles) and the mask [R] of the rows
+    that are its KV head's query heads. whole: q_ref holds exactly the row's H query heads (16, 32 or 64), read
+    at once; else q_ref holds the row's whole projection and the KV head's `group` query heads are gathered
+    one by one into the top rows of a ROWS-row tile (zeros below), so any head count works."""
+    if whole:
+        qa, qb = _rotate(q_ref, cos[None, :], sin[None, :], (slice(None),))  # [H, D/2] each
+        heads = lax.broadcasted_iota(jnp.int32, (qa.shape[0],), 0)
+        return qa, qb, lax.div(heads, group) == pl.program_id(1)
+    rows = lax.broadcasted_iota(jnp.int32, (ROWS, 1), 0)
+    qa = qb = jnp.zeros((ROWS, cos.shape[-1]), q_ref.dtype)
+    for i in range(group):
+        a, b = _rotate(q_ref, cos, sin, (pl.program_id(1) * group + i,))  # [D/2] each
+        qa, qb = jnp.where(rows == i, a[None, :], qa), jnp.where(rows == i, b[None, :], qb)
+    return qa, qb, rows[:, 0] < group
+
+
+def _store_rows(o_ref, carry, first: jax.Array, count: int) -> None:
+    """Normalise the accumulator like `_finish` and store its top `count` rows as o_ref rows first, ...."""
+    acc, _, l = carry
+    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # [ROWS, D] float32
+    rows = lax.broadcasted_iota(jnp.int32, (out.shape[0], 1), 0)
+    for i in range(count):
+        o_ref[first + i, :] = jnp.max(jnp.where(rows == i, out, -jnp.inf), axis=0).astype(o_ref.dtype)
+
+
 def _step_kernel(q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref, qpos_ref, kpos_ref, kseg_ref,
-                 index_ref, o_ref, k_out_ref, v_out_ref, *, scale: float, block: int, group: int):
-    """One (row, KV head). q_ref [H, D]: the row's query heads before RoPE; k_new_ref, v_new_ref [D]: this KV
-    head's new key (before RoPE) and value; k_ref/v_ref and k_out_ref/v_out_ref: the same cache slab [S, D].
-    Columns before `index` are read; column `index` is written; the new key enters the softmax from registers."""
+                 index_ref, o_ref, k_out_ref, v_out_ref, *, scale: float, block: int, group: int, whole: bool):
+    """One (row, KV head). q_ref: the row's query heads (whole) or its whole projection, before RoPE (see
+    `_step_queries`); k_new_ref, v_new_ref [D]: this KV head's new key (before RoPE) and value; k_ref/v_ref and
+    k_out_ref/v_out_ref: the same cache slab [S, D]. Columns before `index` are read; column `index` is
+    written; the new key enters the softmax from registers."""
     half = cos_ref.shape[-1]
     cos, sin = cos_ref[...], sin_ref[...]  # [D/2] float32
-    qa, qb = _rotate(q_ref, cos[None, :], sin[None, :], (slice(None),))  # [H, D/2] each
+    qa, qb, mine = _step_queries(q_ref, cos, sin, group, whole)  # [R, D/2], [R, D/2], [R]
     ka, kb = _rotate(k_new_ref, cos, sin, ())  # [D/2] each
     v_new = v_new_ref[...]  # [D]
     index = jnp.sum(index_ref[...])
@@ -208,8 +232,6 @@ def _step_kernel(q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref, qp
     k_out_ref[index, pl.ds(half, half)] = kb
     v_out_ref[index, :] = v_new
 
-    rows = qa.shape[0]
-    mine = lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), group) == pl.program_id(1)
     qpos = qpos_ref[...]  # [1]
     f32 = jnp.float32
     s_new = (jnp.sum(qa.astype(f32) * ka.astype(f32)[None, :], axis=1)
@@ -229,13 +251,17 @@ def _step_kernel(q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref, qp
     # The softmax starts from the new key alone (weight 1 at max s_new) on this KV head's rows.
     own = jnp.where(mine, 1.0, 0.0)
     init = (own[:, None] * v_new.astype(f32)[None, :], jnp.where(mine, s_new, -jnp.inf), own)
-    _finish(o_ref, lax.fori_loop(0, lax.div(index + (block - 1), block), body, init), mine)
+    carry = lax.fori_loop(0, lax.div(index + (block - 1), block), body, init)
+    if whole:
+        _finish(o_ref, carry, mine)
+    else:
+        _store_rows(o_ref, carry, pl.program_id(1) * group, group)
 
 
 def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, cache_k: jax.Array,
                 cache_v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array,
                 index: jax.Array, *, interpret: bool | None = None, block: int | None = None, warps: int = 2,
-                stages: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                stages: int | None = None, pad: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A layer's attention for one new token per row, from the fused q/k/v projection, in one kernel.
 
     qkv: [B, H+2K, D], the projection before RoPE (rows: H query heads, K keys, K values); cos, sin: [B, D/2]
@@ -244,7 +270,9 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
     cache so far); q_positions: [B, 1]; kv_positions, kv_segment_ids: [B, S] as in `decode_attention`.
     Returns (attention [B, H, D], cache_k, cache_v). Equals transformer.rope on q and k, then
     dynamic_update_slice into the cache, then `decode_attention` with length index + 1 — with the three
-    small kernels around the attention gone. Launch settings as `decode_attention`.
+    small kernels around the attention gone. Launch settings as `decode_attention`. With 16, 32 or 64 query
+    heads each program reads the row's whole query; otherwise (or pad=True) it gathers its KV head's query heads
+    into a padded tile (`_step_queries`).
     """
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     reason = step_unsupported_reason(qkv.shape, n_heads, cache_k.shape, gpu=not interpret)
@@ -260,13 +288,15 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
 
         params = {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages or (2 if small else 3))}
     row = lambda bi, hi: (bi, 0)  # noqa: E731
-    q_spec = pl.BlockSpec((None, n_heads, d), lambda bi, hi: (bi, 0, 0))
+    whole = not pad and n_heads in (16, 32, 64)
+    q_rows = n_heads if whole else n_heads + 2 * kh  # the query heads, or the whole projection to gather from
+    o_spec = pl.BlockSpec((None, n_heads, d), lambda bi, hi: (bi, 0, 0))
     cache_spec = pl.BlockSpec((None, s, None, d), lambda bi, hi: (bi, 0, hi, 0))
     out, cache_k, cache_v = pl.pallas_call(
-        functools.partial(_step_kernel, scale=d**-0.5, block=block, group=n_heads // kh),
+        functools.partial(_step_kernel, scale=d**-0.5, block=block, group=n_heads // kh, whole=whole),
         grid=(b, kh),
         in_specs=[
-            q_spec,
+            pl.BlockSpec((None, q_rows, d), lambda bi, hi: (bi, 0, 0)),
             pl.BlockSpec((None, None, d), lambda bi, hi: (bi, n_heads + hi, 0)),
             pl.BlockSpec((None, None, d), lambda bi, hi: (bi, n_heads + kh + hi, 0)),
             pl.BlockSpec((None, d // 2), row),
@@ -278,7 +308,7 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
             pl.BlockSpec((None, s), row),
             pl.BlockSpec((1,), lambda bi, hi: (0,)),
         ],
-        out_specs=[q_spec, cache_spec, cache_spec],
+        out_specs=[o_spec, cache_spec, cache_spec],
         out_shape=[jax.ShapeDtypeStruct((b, n_heads, d), qkv.dtype), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
                    jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)],
         input_output_aliases={5: 1, 6: 2},
