@@ -257,6 +257,18 @@ def test_top_k_equals_a_full_sort(v, k, chunk):
         assert all(len(set(row)) == k for row in columns.tolist())
 
 
+def test_candidate_noise_follows_the_token_not_its_rank():
+    """The Gumbel noise of a top-k candidate is drawn per (row, token id): reordering the candidates (as tiny
+    logit differences between kernels do) reorders the noise with them, so the same token wins."""
+    key = jax.random.key(4)
+    columns = jnp.array([[5, 9, 2, 31], [7, 1, 0, 3]], jnp.int32)
+    order = jnp.array([[2, 0, 3, 1], [3, 2, 1, 0]])
+    noise = np.asarray(sampling.token_gumbel(key, columns))
+    shuffled = np.asarray(sampling.token_gumbel(key, jnp.take_along_axis(columns, order, axis=1)))
+    np.testing.assert_array_equal(shuffled, np.take_along_axis(noise, np.asarray(order), axis=1))
+    assert len(np.unique(noise)) == noise.size  # distinct draws per token and per row
+
+
 def test_decode_kernel_rollouts_match_the_xla_path(model):
     """attention_impl=pallas sends each decode step to the Pallas decode kernel (interpret mode here); the
     prefill and the reference stay xla. Same greedy tokens, log-probs within the float32 tolerance; also with a

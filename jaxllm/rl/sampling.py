@@ -169,6 +169,15 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def token_gumbel(key: jax.Array, columns: jax.Array) -> jax.Array:
+    """Gumbel noise [B, k] float32 for candidate token ids columns [B, k], drawn per (row, token id) rather than
+    per candidate slot: a candidate keeps its noise when tiny logit differences (another kernel, another
+    backend) reorder the candidates, so such runs pick the same tokens far more often."""
+    rows = jax.random.split(key, columns.shape[0])
+    return jax.vmap(lambda row, ids: jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(row, i)))(ids))(
+        rows, columns)
+
+
 def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """One token per row from logits [B, V] float32 -> (tokens [B] int32, logprobs [B] float32).
 
@@ -184,7 +193,7 @@ def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> 
         ranked, columns = top_k_columns(logits.astype(jnp.float32) / config.temperature, config.top_k)  # [B, k]
         if config.top_p < 1.0:
             ranked = nucleus(ranked, config.top_p)
-        choice = jax.random.categorical(key, ranked, axis=-1)[:, None]  # [B, 1]
+        choice = jnp.argmax(ranked + token_gumbel(key, columns), axis=-1)[:, None]  # [B, 1]: Gumbel-max draw
         tokens = jnp.take_along_axis(columns, choice, axis=-1)[:, 0]
         if config.logprobs == "sampler":
             return tokens, jnp.take_along_axis(jax.nn.log_softmax(ranked, axis=-1), choice, axis=-1)[:, 0]
