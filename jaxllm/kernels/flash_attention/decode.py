@@ -208,7 +208,8 @@ def _step_queries(q_ref, cos: jax.Array, sin: jax.Array, group: int, whole: bool
 
 
 def _store_rows(o_ref, carry, first: jax.Array, count: int) -> None:
-    """Normalise the accumulator like `_finish` and store its top `count` rows as o_ref rows first, ...."""
+    """Normalise the accumulator like `_finish` and store its top `count` rows as o_ref rows first to
+    first + count - 1 (a row at a time: any count, not only powers of two)."""
     acc, _, l = carry
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # [ROWS, D] float32
     rows = lax.broadcasted_iota(jnp.int32, (out.shape[0], 1), 0)
@@ -235,7 +236,7 @@ def _step_kernel(q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref, qp
     qpos = qpos_ref[...]  # [1]
     f32 = jnp.float32
     s_new = (jnp.sum(qa.astype(f32) * ka.astype(f32)[None, :], axis=1)
-             + jnp.sum(qb.astype(f32) * kb.astype(f32)[None, :], axis=1)) * (scale * LOG2E)  # [H]
+             + jnp.sum(qb.astype(f32) * kb.astype(f32)[None, :], axis=1)) * (scale * LOG2E)  # [R]
     dims = (((1,), (1,)), ((), ()))
 
     def body(j, carry):
