@@ -103,14 +103,18 @@ def attention(
                       (Q_AXES, KV_AXES, KV_AXES, ("batch", "seq"), ("batch", "seq")))
 
 
+def _decode_backend(impl: str) -> bool:
+    """Whether impl on this backend may use our Pallas decode kernels: auto on a GPU, pallas on a GPU or the CPU
+    (interpret mode, for tests); never on a TPU (no TPU decode kernel)."""
+    backend = jax.default_backend()
+    return impl in ("auto", "pallas") and backend != "tpu" and (impl == "pallas" or backend == "gpu")
+
+
 def _decode_kernel_takes(impl: str, q: jax.Array, k: jax.Array, kv_length: jax.Array | None) -> bool:
     """Whether a KV-cache attention call goes to the decode kernel (else the "xla" reference)."""
-    if impl not in ("auto", "pallas") or kv_length is None or q.shape[1] != 1:
+    if kv_length is None or q.shape[1] != 1 or not _decode_backend(impl):
         return False
-    backend = jax.default_backend()
-    if backend == "tpu" or (impl == "auto" and backend != "gpu"):  # no TPU decode kernel; CPU: tests only
-        return False
-    reason = decode.unsupported_reason(q, k, gpu=backend == "gpu")
+    reason = decode.unsupported_reason(q, k, gpu=jax.default_backend() == "gpu")
     if reason is not None:
         _say_once(f"attention: decoding falls back from the Pallas decode kernel to xla: {reason}")
     return reason is None
@@ -120,8 +124,7 @@ def decode_step_takes(impl: str, qkv_shape: tuple[int, ...], n_heads: int, cache
     """Whether a decode step (one new token per row, fused q/k/v projection qkv [B, H+2K, D]) runs as one
     kernel (decode.decode_step: RoPE, cache write and attention). Same backends as the decode kernel; a shape
     it can't take runs RoPE, the cache write and `attention` as separate ops, saying once why."""
-    backend = jax.default_backend()
-    if impl not in ("auto", "pallas") or backend == "tpu" or (impl == "auto" and backend != "gpu"):
+    if not _decode_backend(impl):
         return False
     mesh = jax.sharding.get_abstract_mesh()
     shards = 1 if mesh is None or mesh.empty else _ways(mesh, "kv_heads")
@@ -131,7 +134,8 @@ def decode_step_takes(impl: str, qkv_shape: tuple[int, ...], n_heads: int, cache
     else:
         local = (b, (n_heads + 2 * cache_shape[2]) // shards, d)
         reason = decode.step_unsupported_reason(local, n_heads // shards,
-                                                (*cache_shape[:2], cache_shape[2] // shards, d), gpu=backend == "gpu")
+                                                (*cache_shape[:2], cache_shape[2] // shards, d),
+                                                gpu=jax.default_backend() == "gpu")
     if reason is not None:
         _say_once(f"attention: a decode step runs as separate RoPE, cache-write and attention ops: {reason}")
     return reason is None

@@ -101,6 +101,19 @@ def _finish(o_ref, carry, mine: jax.Array | None) -> None:
         pltriton.store(o_ref, out, mask=mine[:, None])
 
 
+def _launch(d: int, s: int, block: int | None, warps: int, stages: int | None, interpret: bool) -> tuple[int, dict]:
+    """(key block, pallas_call launch kwargs) for head dim d and a cache of s columns; None picks the defaults of
+    the H200 sweep (docs/benchmarks.md): 64-column blocks and 2 stages for d <= 64, 32 and 3 above."""
+    small = d <= 64
+    block = block_size(s, block or (64 if small else 32))
+    if interpret:
+        return block, {"interpret": True}
+    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (GPU only)
+
+    stages = stages or (2 if small else 3)
+    return block, {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
+
+
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
                      kv_segment_ids: jax.Array, length: jax.Array, *, interpret: bool | None = None,
                      block: int | None = None, warps: int = 2, stages: int | None = None,
@@ -122,9 +135,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     b, _, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = h // kh
-    small = d <= 64
-    block = block_size(s, block or (64 if small else 32))
-    stages = stages or (2 if small else 3)
+    block, params = _launch(d, s, block, warps, stages, interpret)
     # With 16-64 query heads (a power of two) each program reads the row's whole q and stores its own heads'
     # rows, so no padding or slicing kernels run around it; otherwise its heads are padded to ROWS rows.
     whole_row = not pad and h in (16, 32, 64)
@@ -133,11 +144,6 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     else:
         qg = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, ROWS - g), (0, 0)))  # [B, K, ROWS, D]
         spec, group = pl.BlockSpec((None, None, ROWS, d), lambda bi, hi: (bi, hi, 0, 0)), None
-    params = {"interpret": True}
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (GPU only)
-
-        params = {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
     row = lambda bi, hi: (bi, 0)  # noqa: E731
     out = pl.pallas_call(
         functools.partial(_kernel, scale=d**-0.5, block=block, group=group),
@@ -281,13 +287,7 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
         raise ValueError(f"decode_step can't take qkv {qkv.shape}, cache {cache_k.shape}: {reason}")
     b, _, d = qkv.shape
     s, kh = cache_k.shape[1], cache_k.shape[2]
-    small = d <= 64
-    block = block_size(s, block or (64 if small else 32))
-    params = {"interpret": True}
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (GPU only)
-
-        params = {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages or (2 if small else 3))}
+    block, params = _launch(d, s, block, warps, stages, interpret)
     row = lambda bi, hi: (bi, 0)  # noqa: E731
     whole = not pad and n_heads in (16, 32, 64)
     q_rows = n_heads if whole else n_heads + 2 * kh  # the query heads, or the whole projection to gather from
