@@ -269,6 +269,13 @@ def _step_case(rng, b, s, h, kh, d, index, dtype):
     return qkv, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg
 
 
+def _norm_input(rng, b, d_model, dtype=jnp.float32):
+    """An un-normed layer input x [B, d_model] and its RMSNorm row scale rsqrt(mean(x^2) + 1e-5) [B], float64."""
+    x = rng.normal(size=(b, d_model)) * rng.uniform(0.5, 3.0, (b, 1))
+    x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+    return jnp.asarray(x, dtype), 1.0 / np.sqrt(np.mean(x * x, axis=-1) + 1e-5)
+
+
 def _step_oracle(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index):
     """transformer.rope on q and k, the cache write, then the reference attention, in float32."""
     kh = cache_k.shape[2]
@@ -296,6 +303,16 @@ def test_decode_step_matches_rope_cache_write_and_reference(b, s, h, kh, d, inde
                                  interpret=True, pad=pad)
         for got_x, want_x in zip(got, want):
             np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), rtol=1e-5, atol=1e-5)
+    # With norm_x, qkv is the projection of the un-normed input: the kernel scales it by its RMSNorm factor.
+    x, scale = _norm_input(np.random.default_rng(index), b, 48)
+    want = _step_oracle(qkv * scale[:, None, None], h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)
+    got = decode.decode_step(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg, jnp.int32(index),
+                             norm_x=x, eps=1e-5, interpret=True)
+    for got_x, want_x in zip(got, want):
+        np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="d_model 40 has no power-of-two factor"):
+        decode.decode_step(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg, jnp.int32(index),
+                           norm_x=jnp.ones((b, 40)), interpret=True)
     with pytest.raises(ValueError, match="3 query heads over 2 KV heads"):
         bad_cache = jnp.zeros((b, s, 2, d))
         decode.decode_step(jnp.zeros((b, 7, d)), 3, cos, sin, bad_cache, bad_cache, q_pos, kv_pos, kv_seg,
@@ -323,6 +340,13 @@ def test_decode_step_on_gpu_matches_reference():
             for got_c, want_c in zip(got[1:], want[1:]):
                 want_c = np.asarray(want_c.astype(jnp.bfloat16).astype(jnp.float32))
                 np.testing.assert_allclose(np.asarray(got_c.astype(jnp.float32)), want_c, rtol=1e-2, atol=1e-2)
+        x, scale = _norm_input(rng, b, 2048, jnp.bfloat16)  # the in-kernel RMSNorm scale (folded norm weights)
+        want = _step_oracle(qkv.astype(jnp.float32) * scale[:, None, None], h, cache_k, cache_v, q_pos, kv_pos,
+                            kv_seg, index)
+        got = jax.jit(decode.decode_step, static_argnums=1)(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos,
+                                                            kv_seg, jnp.int32(index), norm_x=x)
+        err = float(jnp.linalg.norm(got[0].astype(jnp.float32) - want[0]) / jnp.linalg.norm(want[0]))
+        assert err < 1e-2, (b, s, h, kh, d, "norm_x", err)
 
 
 def test_decoding_on_gpu_falls_back_to_xla_and_says_why_once(monkeypatch, caplog):

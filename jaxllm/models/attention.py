@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxllm.kernels import swiglu
 from jaxllm.kernels.flash_attention import decode, pallas_gpu, reference
 from jaxllm.parallel import rules
 
@@ -120,10 +121,12 @@ def _decode_kernel_takes(impl: str, q: jax.Array, k: jax.Array, kv_length: jax.A
     return reason is None
 
 
-def decode_step_takes(impl: str, qkv_shape: tuple[int, ...], n_heads: int, cache_shape: tuple[int, ...]) -> bool:
+def decode_step_takes(impl: str, qkv_shape: tuple[int, ...], n_heads: int, cache_shape: tuple[int, ...],
+                      norm_width: int | None = None) -> bool:
     """Whether a decode step (one new token per row, fused q/k/v projection qkv [B, H+2K, D]) runs as one
-    kernel (decode.decode_step: RoPE, cache write and attention). Same backends as the decode kernel; a shape
-    it can't take runs RoPE, the cache write and `attention` as separate ops, saying once why."""
+    kernel (decode.decode_step: RoPE, cache write and attention; with norm_width, the width of an un-normed
+    input whose RMSNorm scale the kernel applies). Same backends as the decode kernel; a shape it can't take
+    runs RoPE, the cache write and `attention` as separate ops, saying once why."""
     if not _decode_backend(impl):
         return False
     mesh = jax.sharding.get_abstract_mesh()
@@ -135,31 +138,44 @@ def decode_step_takes(impl: str, qkv_shape: tuple[int, ...], n_heads: int, cache
         local = (b, (n_heads + 2 * cache_shape[2]) // shards, d)
         reason = decode.step_unsupported_reason(local, n_heads // shards,
                                                 (*cache_shape[:2], cache_shape[2] // shards, d),
-                                                gpu=jax.default_backend() == "gpu")
+                                                gpu=jax.default_backend() == "gpu", norm_width=norm_width)
     if reason is not None:
         _say_once(f"attention: a decode step runs as separate RoPE, cache-write and attention ops: {reason}")
     return reason is None
 
 
 def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, cache: tuple[jax.Array, jax.Array],
-                q_positions: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array,
-                index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """decode.decode_step (see there for shapes) on each device's shard under a mesh: batch split, and heads
-    split by giving each device its own query heads' and KV heads' rows of qkv."""
+                q_positions: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array, index: jax.Array,
+                norm_x: jax.Array | None = None, eps: float = 1e-5) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """decode.decode_step (see there for shapes and norm_x) on each device's shard under a mesh: batch split,
+    and heads split by giving each device its own query heads' and KV heads' rows of qkv."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
-        return decode.decode_step(qkv, n_heads, cos, sin, *cache, q_positions, kv_positions, kv_segment_ids, index)
+        return decode.decode_step(qkv, n_heads, cos, sin, *cache, q_positions, kv_positions, kv_segment_ids, index,
+                                  norm_x=norm_x, eps=eps)
     kh = cache[0].shape[2]
     q, k, v = jnp.split(qkv, [n_heads, n_heads + kh], axis=1)  # each device takes its heads of each
 
-    def local(q, k, v, cos, sin, cache_k, cache_v, q_positions, kv_positions, kv_segment_ids, index):
+    def local(q, k, v, cos, sin, cache_k, cache_v, q_positions, kv_positions, kv_segment_ids, index, norm_x):
         return decode.decode_step(jnp.concatenate([q, k, v], axis=1), q.shape[1], cos, sin, cache_k, cache_v,
-                                  q_positions, kv_positions, kv_segment_ids, index)
+                                  q_positions, kv_positions, kv_segment_ids, index, norm_x=norm_x, eps=eps)
 
     heads, kv_heads, row = ("batch", "heads", "head_dim"), ("batch", "kv_heads", "head_dim"), ("batch", None)
-    return _per_shard(local, (q, k, v, cos, sin, *cache, q_positions, kv_positions, kv_segment_ids, index),
+    return _per_shard(local, (q, k, v, cos, sin, *cache, q_positions, kv_positions, kv_segment_ids, index, norm_x),
                       (heads, kv_heads, kv_heads, row, row, KV_AXES, KV_AXES, row, ("batch", "seq"),
-                       ("batch", "seq"), ()), out_axes=(heads, KV_AXES, KV_AXES))
+                       ("batch", "seq"), (), row), out_axes=(heads, KV_AXES, KV_AXES))
+
+
+def decode_mlp_takes(impl: str, rows: int, d_model: int, d_ff: int) -> bool:
+    """Whether a decode step's MLP runs its RMSNorm scale and SwiGLU as one Pallas kernel (kernels/swiglu.py,
+    with the norm weight folded): the decode kernels' backends, on one device (under a mesh XLA runs it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not _decode_backend(impl) or not (mesh is None or mesh.empty):
+        return False
+    reason = swiglu.unsupported_reason(rows, d_model, d_ff)
+    if reason is not None:
+        _say_once(f"decoding: the MLP's norm scale and SwiGLU run as XLA ops: {reason}")
+    return reason is None
 
 
 def _ways(mesh, logical_axis: str) -> int:

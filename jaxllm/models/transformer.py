@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig, head_dim
+from jaxllm.kernels import swiglu
 from jaxllm.models import attention as attention_lib
 from jaxllm.models.attention import attention
 from jaxllm.parallel.rules import constrain
@@ -88,10 +89,11 @@ class Transformer(nnx.Module):
 # Pure math on the params dict.
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """RMSNorm over the last axis in float32; weight None: folded into the next matmul (fold_norms)."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * weight).astype(x.dtype)
+    return (x32 if weight is None else x32 * weight).astype(x.dtype)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -124,17 +126,19 @@ def qkv(p: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
     if "wqkv" in p:  # fused by fuse_projections (decoding: one matmul instead of three)
         q, k, v = jnp.split(project_qkv(p, x, cfg), [cfg.n_heads, cfg.n_heads + cfg.n_kv_heads], axis=2)
     else:
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        h = rms_norm(x, p.get("attn_norm"), cfg.norm_eps)
         q = _dense(h, p["wq"], "btd,dnh->btnh", p, "bq")
         k = _dense(h, p["wk"], "btd,dnh->btnh", p, "bk")
         v = _dense(h, p["wv"], "btd,dnh->btnh", p, "bv")
     return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
 
 
-def project_qkv(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+def project_qkv(p: Params, x: jax.Array, cfg: ModelConfig, norm: bool = True) -> jax.Array:
     """Normed input through the fused projection (fuse_projections), biases added, before RoPE:
-    [B, T, H + 2K, D] (query heads, then keys, then values)."""
-    fused = _dense(rms_norm(x, p["attn_norm"], cfg.norm_eps), p["wqkv"], "btd,dnh->btnh", p, None)
+    [B, T, H + 2K, D] (query heads, then keys, then values). norm=False: x as it is (a kernel applies the
+    norm's scale afterwards: the norm weight must be folded, fold_norms)."""
+    h = rms_norm(x, p.get("attn_norm"), cfg.norm_eps) if norm else x
+    fused = _dense(h, p["wqkv"], "btd,dnh->btnh", p, None)
     biases = [p.get(name) for name in ("bq", "bk", "bv")]
     if all(b is None for b in biases):
         return fused
@@ -143,8 +147,15 @@ def project_qkv(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return fused + bias.astype(fused.dtype)
 
 
-def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+def mlp(p: Params, x: jax.Array, cfg: ModelConfig, kernel: bool = False) -> jax.Array:
+    """The MLP sublayer (its RMSNorm included) of x [B, T, D]. kernel: with the norm weight folded
+    (fold_norms), the matmul takes x un-normed and one Pallas kernel applies the norm's row scale and SwiGLU."""
+    if kernel and "mlp_norm" not in p and "w_gate_up" in p and "b_gate" not in p and "b_up" not in p:
+        b, t, d = x.shape
+        gate_up = _dense(x, p["w_gate_up"], "btd,df->btf", p, None)  # [B, T, 2F]
+        act = swiglu.normed_swiglu(x.reshape(b * t, d), gate_up.reshape(b * t, -1), cfg.norm_eps)
+        return _dense(act.reshape(b, t, -1), p["w_down"], "btf,fd->btd", p, "b_down")
+    h = rms_norm(x, p.get("mlp_norm"), cfg.norm_eps)
     if "w_gate_up" in p:  # fused by fuse_projections
         gate, up = jnp.split(_dense(h, p["w_gate_up"], "btd,df->btf", p, None), 2, axis=-1)  # [B, T, F] each
         gate, up = (y + p[b].astype(y.dtype) if b in p else y for y, b in ((gate, "b_gate"), (up, "b_up")))
@@ -163,10 +174,26 @@ def fuse_projections(p: Params) -> Params:
     return p
 
 
-def _finish_block(p: Params, x: jax.Array, attn: jax.Array, cfg: ModelConfig) -> jax.Array:
+def fold_norms(p: Params) -> Params:
+    """One layer's fused params (fuse_projections) with each RMSNorm weight folded into the matrix after it:
+    rms_norm(x, g) @ W == rms_norm(x, None) @ (g[:, None] * W), so the norm entry is dropped (rms_norm then
+    skips the weight) and a decode kernel can apply the norm's row scale after the matmul instead of running a
+    norm kernel before it. A norm whose projections have biases stays (the scale must precede the bias).
+    Fold in float32, before casting the matrices to the compute dtype."""
+    p = dict(p)
+    if "wqkv" in p and not any(b in p for b in ("bq", "bk", "bv")):
+        norm = p.pop("attn_norm").astype(jnp.float32)
+        p["wqkv"] = (norm[:, None, None] * p["wqkv"].astype(jnp.float32)).astype(p["wqkv"].dtype)
+    if "w_gate_up" in p and not any(b in p for b in ("b_gate", "b_up")):
+        norm = p.pop("mlp_norm").astype(jnp.float32)
+        p["w_gate_up"] = (norm[:, None] * p["w_gate_up"].astype(jnp.float32)).astype(p["w_gate_up"].dtype)
+    return p
+
+
+def _finish_block(p: Params, x: jax.Array, attn: jax.Array, cfg: ModelConfig, kernel: bool = False) -> jax.Array:
     """Attention output projection, residual, then the MLP residual. attn: [B, T, H, D]; x: [B, T, D]."""
     x = x + _dense(attn, p["wo"], "btnh,nhd->btd", p, "bo")
-    x = x + mlp(p, x, cfg)
+    x = x + mlp(p, x, cfg, kernel)
     return constrain(x, ("batch", "seq", "act_embed"))
 
 
@@ -194,13 +221,19 @@ def block_decode(p: Params, x: jax.Array, positions: jax.Array, cache: tuple[jax
     instead of attending over the whole cache. Left-padded rows keep column order = position order.
     """
     if not fresh and x.shape[1] == 1 and "wqkv" in p:  # one new token: RoPE, cache write, attention in one kernel
-        fused = project_qkv(p, x, cfg)[:, 0]  # [B, H + 2K, D]
-        if attention_lib.decode_step_takes(cfg.attention_impl, fused.shape, cfg.n_heads, cache[0].shape):
-            cos, sin = rope_tables(positions[:, 0], fused.shape[-1], cfg.rope_theta)  # [B, D/2] each
-            attn, cache_k, cache_v = attention_lib.decode_step(fused, cfg.n_heads, cos, sin, cache, positions,
-                                                               kv_positions, kv_segment_ids, index)
+        hd = head_dim(cfg)
+        fused_shape = (x.shape[0], cfg.n_heads + 2 * cfg.n_kv_heads, hd)
+        folded = "attn_norm" not in p  # fold_norms: the kernel applies the norm's row scale
+        norm_width = x.shape[-1] if folded else None
+        if attention_lib.decode_step_takes(cfg.attention_impl, fused_shape, cfg.n_heads, cache[0].shape, norm_width):
+            fused = project_qkv(p, x, cfg, norm=not folded)[:, 0]  # [B, H + 2K, D]
+            cos, sin = rope_tables(positions[:, 0], hd, cfg.rope_theta)  # [B, D/2] each
+            attn, cache_k, cache_v = attention_lib.decode_step(
+                fused, cfg.n_heads, cos, sin, cache, positions, kv_positions, kv_segment_ids, index,
+                norm_x=x[:, 0] if folded else None, eps=cfg.norm_eps)
             cache_k, cache_v = constrain(cache_k, CACHE_AXES), constrain(cache_v, CACHE_AXES)
-            return _finish_block(p, x, attn[:, None], cfg), (cache_k, cache_v)
+            kernel = attention_lib.decode_mlp_takes(cfg.attention_impl, x.shape[0], x.shape[-1], cfg.d_ff)
+            return _finish_block(p, x, attn[:, None], cfg, kernel), (cache_k, cache_v)
     q, k, v = qkv(p, x, positions, cfg)
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)

@@ -38,21 +38,24 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
 
 
 def prepare_params(params: Params, cfg: ModelConfig) -> Prepared:
-    """(top-level params, one params dict per layer) with matrices cast to the compute dtype once and the
-    q/k/v and gate/up projections fused (transformer.fuse_projections): fewer, larger decode matmuls.
+    """(top-level params, one params dict per layer) with the q/k/v and gate/up projections fused
+    (transformer.fuse_projections: fewer, larger decode matmuls), the layers' RMSNorm weights folded into those
+    matrices (transformer.fold_norms: the decode kernels apply the norms' row scales), and matrices cast to
+    the compute dtype once.
 
-    Norm weights and biases keep their dtype so the numerics equal `transformer.logits` exactly (the
-    training path casts matrices to the compute dtype inside each matmul, and only them).
+    Norm weights (the final one) and biases keep their dtype, as in the training path, which casts matrices to
+    the compute dtype inside each matmul, and only them; the folded products are rounded once, in float32
+    before the cast, so the numerics equal `transformer.logits` up to that rounding.
     """
     dtype = jnp.dtype(cfg.dtype)
 
-    def cast(w: jax.Array, min_ndim: int) -> jax.Array:
-        return w.astype(dtype) if w.ndim >= min_ndim else w
+    def cast(w: jax.Array) -> jax.Array:
+        return w.astype(dtype) if w.ndim >= 2 else w
 
-    top = {name: cast(w, 2) for name, w in params.items() if name != "layers"}
-    layers = [transformer.fuse_projections({name: cast(w[i], 2) for name, w in params["layers"].items()})
+    top = {name: cast(w) for name, w in params.items() if name != "layers"}
+    layers = [transformer.fold_norms(transformer.fuse_projections({n: w[i] for n, w in params["layers"].items()}))
               for i in range(cfg.n_layers)]
-    return Prepared(top, layers)
+    return Prepared(top, [{name: cast(w) for name, w in layer.items()} for layer in layers])
 
 
 def forward(top: Params, layers: list[Params], cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,

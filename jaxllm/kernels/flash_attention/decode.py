@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllm.kernels.swiglu import rms_scale
+
 LOG2E = math.log2(math.e)
 ROWS = 16  # query rows per program (the G heads of one KV head, zero-padded): the smallest tensor-core tile
 
@@ -172,9 +174,10 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
 
 
 def step_unsupported_reason(qkv_shape: tuple[int, ...], n_heads: int, cache_shape: tuple[int, ...],
-                            gpu: bool = True) -> str | None:
+                            gpu: bool = True, norm_width: int | None = None) -> str | None:
     """Why `decode_step` can't take a fused projection qkv [B, H+2K, D] against a cache [B, S, K, D] (None when
-    it can): up to ROWS query heads per KV head; on a GPU head dims 64, 128, 256 (interpret mode: any even)."""
+    it can): up to ROWS query heads per KV head; on a GPU head dims 64, 128, 256 (interpret mode: any even);
+    norm_width: the width of norm_x when given (needs a power-of-two factor >= 16)."""
     b, rows, d = qkv_shape
     kh = cache_shape[2]
     if rows != n_heads + 2 * kh or n_heads % kh or n_heads // kh > ROWS:
@@ -185,6 +188,8 @@ def step_unsupported_reason(qkv_shape: tuple[int, ...], n_heads: int, cache_shap
         return f"head_dim {d} is odd (RoPE rotates halves)"
     if block_size(cache_shape[1]) is None:
         return f"cache length {cache_shape[1]} is not a multiple of 16"
+    if norm_width is not None and norm_width & -norm_width < 16:
+        return f"d_model {norm_width} has no power-of-two factor >= 16 (the in-kernel RMSNorm scale)"
     return None
 
 
@@ -224,16 +229,22 @@ def _store_rows(o_ref, carry, first: jax.Array, count: int) -> None:
 
 
 def _step_kernel(q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref, qpos_ref, kpos_ref, kseg_ref,
-                 index_ref, o_ref, k_out_ref, v_out_ref, *, scale: float, block: int, group: int, whole: bool):
+                 index_ref, *refs, scale: float, block: int, group: int, whole: bool, eps: float | None):
     """One (row, KV head). q_ref: the row's query heads (whole) or its whole projection, before RoPE (see
     `_step_queries`); k_new_ref, v_new_ref [D]: this KV head's new key (before RoPE) and value; k_ref/v_ref and
     k_out_ref/v_out_ref: the same cache slab [S, D]. Columns before `index` are read; column `index` is
-    written; the new key enters the softmax from registers."""
+    written; the new key enters the softmax from registers. refs: (x_ref [D_model] when eps is not None, o_ref,
+    k_out_ref, v_out_ref); with x_ref the projection is of the un-normed x and is scaled here by its RMSNorm
+    factor (in the RoPE tables: RoPE is linear)."""
+    o_ref, k_out_ref, v_out_ref = refs[-3:]
     half = cos_ref.shape[-1]
     cos, sin = cos_ref[...], sin_ref[...]  # [D/2] float32
+    v_new = v_new_ref[...]  # [D]
+    if eps is not None:
+        r = rms_scale(refs[0], eps)
+        cos, sin, v_new = cos * r, sin * r, (v_new.astype(jnp.float32) * r).astype(v_new.dtype)
     qa, qb, mine = _step_queries(q_ref, cos, sin, group, whole)  # [R, D/2], [R, D/2], [R]
     ka, kb = _rotate(k_new_ref, cos, sin, ())  # [D/2] each
-    v_new = v_new_ref[...]  # [D]
     index = jnp.sum(index_ref[...])
     k_out_ref[index, pl.ds(0, half)] = ka
     k_out_ref[index, pl.ds(half, half)] = kb
@@ -267,8 +278,9 @@ def _step_kernel(q_ref, k_new_ref, v_new_ref, cos_ref, sin_ref, k_ref, v_ref, qp
 
 def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, cache_k: jax.Array,
                 cache_v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array,
-                index: jax.Array, *, interpret: bool | None = None, block: int | None = None, warps: int = 2,
-                stages: int | None = None, pad: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                index: jax.Array, *, norm_x: jax.Array | None = None, eps: float = 1e-5,
+                interpret: bool | None = None, block: int | None = None, warps: int = 2, stages: int | None = None,
+                pad: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A layer's attention for one new token per row, from the fused q/k/v projection, in one kernel.
 
     qkv: [B, H+2K, D], the projection before RoPE (rows: H query heads, K keys, K values); cos, sin: [B, D/2]
@@ -277,12 +289,16 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
     cache so far); q_positions: [B, 1]; kv_positions, kv_segment_ids: [B, S] as in `decode_attention`.
     Returns (attention [B, H, D], cache_k, cache_v). Equals transformer.rope on q and k, then
     dynamic_update_slice into the cache, then `decode_attention` with length index + 1 — with the three
-    small kernels around the attention gone. Launch settings as `decode_attention`. With 16, 32 or 64 query
+    small kernels around the attention gone. norm_x: [B, D_model], the un-normed layer input when qkv is its
+    projection through RMSNorm-folded weights (transformer.fold_norms): the kernel scales the projection by
+    rsqrt(mean(norm_x^2) + eps) per row, so no RMSNorm kernel runs before the matmul. Launch settings as
+    `decode_attention`. With 16, 32 or 64 query
     heads each program reads the row's whole query; otherwise (or pad=True) it gathers its KV head's query heads
     into a padded tile (`_step_queries`).
     """
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    reason = step_unsupported_reason(qkv.shape, n_heads, cache_k.shape, gpu=not interpret)
+    reason = step_unsupported_reason(qkv.shape, n_heads, cache_k.shape, gpu=not interpret,
+                                     norm_width=None if norm_x is None else norm_x.shape[-1])
     if reason is not None:
         raise ValueError(f"decode_step can't take qkv {qkv.shape}, cache {cache_k.shape}: {reason}")
     b, _, d = qkv.shape
@@ -294,7 +310,8 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
     o_spec = pl.BlockSpec((None, n_heads, d), lambda bi, hi: (bi, 0, 0))
     cache_spec = pl.BlockSpec((None, s, None, d), lambda bi, hi: (bi, 0, hi, 0))
     out, cache_k, cache_v = pl.pallas_call(
-        functools.partial(_step_kernel, scale=d**-0.5, block=block, group=n_heads // kh, whole=whole),
+        functools.partial(_step_kernel, scale=d**-0.5, block=block, group=n_heads // kh, whole=whole,
+                          eps=None if norm_x is None else eps),
         grid=(b, kh),
         in_specs=[
             pl.BlockSpec((None, q_rows, d), lambda bi, hi: (bi, 0, 0)),
@@ -308,6 +325,7 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
             pl.BlockSpec((None, s), row),
             pl.BlockSpec((None, s), row),
             pl.BlockSpec((1,), lambda bi, hi: (0,)),
+            *([] if norm_x is None else [pl.BlockSpec((None, norm_x.shape[-1]), row)]),
         ],
         out_specs=[o_spec, cache_spec, cache_spec],
         out_shape=[jax.ShapeDtypeStruct((b, n_heads, d), qkv.dtype), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
@@ -317,5 +335,5 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
         **params,
     )(qkv, qkv, qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), cache_k, cache_v,
       q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
-      jnp.reshape(index, (1,)).astype(jnp.int32))
+      jnp.reshape(index, (1,)).astype(jnp.int32), *([] if norm_x is None else [norm_x]))
     return out, cache_k, cache_v
