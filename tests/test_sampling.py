@@ -211,11 +211,16 @@ def test_as_batch_scores_rollouts_like_generate(model):
 
 
 @pytest.mark.parametrize("mode", sampling.LOGPROBS)
-def test_logprob_policies_on_fixed_logits(mode):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_logprob_policies_on_fixed_logits(mode, kernel):
+    """Each log-prob mode against the float64 oracle, through XLA's top-k and the Pallas top-k kernel
+    (interpret mode), which must also draw the same tokens with the same keys."""
     logits = np.random.default_rng(3).normal(0.0, 2.0, (2, 40)).astype(np.float32)
     sc = SamplingConfig(temperature=0.7, top_k=20, top_p=0.9, logprobs=mode)
     keys = jax.random.split(jax.random.key(0), 64)
-    tokens, logprobs = jax.vmap(lambda k: sampling.sample_logits(k, jnp.asarray(logits), sc))(keys)  # [N, 2]
+    draw = lambda k, kernel: sampling.sample_logits(k, jnp.asarray(logits), sc, kernel)  # noqa: E731
+    tokens, logprobs = jax.vmap(lambda k: draw(k, kernel))(keys)  # [N, 2]
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jax.vmap(lambda k: draw(k, False))(keys)[0]))
     x = logits.astype(np.float64)
     want = {"policy": np_log_softmax(x), "tempered": np_log_softmax(x / 0.7),
             "sampler": np_log_softmax(np.where(np_allowed(x, 0.7, 20, 0.9), x / 0.7, -np.inf))}[mode]
@@ -270,12 +275,15 @@ def test_candidate_noise_follows_the_token_not_its_rank():
 
 
 def test_decode_kernel_rollouts_match_the_xla_path(model):
-    """attention_impl=pallas sends each decode step to the Pallas decode kernel (interpret mode here); the
-    prefill and the reference stay xla. Same greedy tokens, log-probs within the float32 tolerance; also with a
-    mixed-length batch whose cache length (prompt + new) is not a multiple of the kernel's key block."""
+    """attention_impl=pallas sends each decode step to the Pallas decode kernels (interpret mode here) and
+    top-k sampling to the Pallas top-k kernel; the reference stays xla. Same tokens, log-probs within the
+    float32 tolerance; also with a mixed-length batch whose cache length (prompt + new) is not a multiple of
+    the kernel's key block."""
     cfg, graphdef, params = model
     pallas_graphdef = models.abstract(dataclasses.replace(cfg, attention_impl="pallas"))[0]
-    for sc in (GREEDY, SamplingConfig(max_new_tokens=5, temperature=0.0, prompt_bucket=1)):
+    for sc in (GREEDY, SamplingConfig(max_new_tokens=5, temperature=0.0, prompt_bucket=1),
+               SamplingConfig(max_new_tokens=6, temperature=0.8, top_k=5)):  # top-k through the Pallas kernel
+        assert sampling.top_k_kernel_takes(dataclasses.replace(cfg, attention_impl="pallas"), sc) == (sc.top_k > 0)
         want = sampling.generate(graphdef, params, PROMPTS, jax.random.key(0), sc)
         got = sampling.generate(pallas_graphdef, params, PROMPTS, jax.random.key(0), sc)
         np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))

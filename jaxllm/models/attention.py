@@ -104,16 +104,17 @@ def attention(
                       (Q_AXES, KV_AXES, KV_AXES, ("batch", "seq"), ("batch", "seq")))
 
 
-def _decode_backend(impl: str) -> bool:
-    """Whether impl on this backend may use our Pallas decode kernels: auto on a GPU, pallas on a GPU or the CPU
-    (interpret mode, for tests); never on a TPU (no TPU decode kernel)."""
+def decode_kernels_enabled(impl: str) -> bool:
+    """Whether impl on this backend may use our Pallas decode kernels (attention, the decode step, SwiGLU,
+    top-k): auto on a GPU, pallas on a GPU or the CPU (interpret mode, for tests); never on a TPU (no TPU
+    decode kernels)."""
     backend = jax.default_backend()
     return impl in ("auto", "pallas") and backend != "tpu" and (impl == "pallas" or backend == "gpu")
 
 
 def _decode_kernel_takes(impl: str, q: jax.Array, k: jax.Array, kv_length: jax.Array | None) -> bool:
     """Whether a KV-cache attention call goes to the decode kernel (else the "xla" reference)."""
-    if kv_length is None or q.shape[1] != 1 or not _decode_backend(impl):
+    if kv_length is None or q.shape[1] != 1 or not decode_kernels_enabled(impl):
         return False
     reason = decode.unsupported_reason(q, k, gpu=jax.default_backend() == "gpu")
     if reason is not None:
@@ -127,7 +128,7 @@ def decode_step_takes(impl: str, qkv_shape: tuple[int, ...], n_heads: int, cache
     kernel (decode.decode_step: RoPE, cache write and attention; with norm_width, the width of an un-normed
     input whose RMSNorm scale the kernel applies). Same backends as the decode kernel; a shape it can't take
     runs RoPE, the cache write and `attention` as separate ops, saying once why."""
-    if not _decode_backend(impl):
+    if not decode_kernels_enabled(impl):
         return False
     mesh = jax.sharding.get_abstract_mesh()
     shards = 1 if mesh is None or mesh.empty else _ways(mesh, "kv_heads")
@@ -170,7 +171,7 @@ def decode_mlp_takes(impl: str, rows: int, d_model: int, d_ff: int) -> bool:
     """Whether a decode step's MLP runs its RMSNorm scale and SwiGLU as one Pallas kernel (kernels/swiglu.py,
     with the norm weight folded): the decode kernels' backends, on one device (under a mesh XLA runs it)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not _decode_backend(impl) or not (mesh is None or mesh.empty):
+    if not decode_kernels_enabled(impl) or not (mesh is None or mesh.empty):
         return False
     reason = swiglu.unsupported_reason(rows, d_model, d_ff)
     if reason is not None:

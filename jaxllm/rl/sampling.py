@@ -21,7 +21,8 @@ from flax import nnx
 
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.data.pipeline import DataError
-from jaxllm.models import transformer
+from jaxllm.kernels import topk
+from jaxllm.models import attention, transformer
 from jaxllm.parallel.rules import constrain
 from jaxllm.rl import kv_cache
 
@@ -178,25 +179,22 @@ def token_gumbel(key: jax.Array, columns: jax.Array) -> jax.Array:
         rows, columns)
 
 
-def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig,
+                  kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """One token per row from logits [B, V] float32 -> (tokens [B] int32, logprobs [B] float32).
 
-    With top-k the draw is among the k candidates only (exactly k tokens: on a tie at the k-th value, which
-    tied token is a candidate is not specified), so the random draw and the renormalisation cost O(k), not
-    O(V), per row."""
+    With top-k the draw is among the k candidates only (exactly k tokens), so the random draw and the
+    renormalisation cost O(k), not O(V), per row. kernel: find the candidates and the row's log-sum-exp with
+    the Pallas top-k kernel (kernels/topk.py; `top_k_kernel_takes`) instead of XLA's reductions and sorts."""
     greedy = config.temperature == 0.0
     if greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         if config.logprobs == "sampler":
             return tokens, jnp.zeros(tokens.shape, jnp.float32)
     elif config.top_k:
-        ranked, columns = top_k_columns(logits.astype(jnp.float32) / config.temperature, config.top_k)  # [B, k]
-        if config.top_p < 1.0:
-            ranked = nucleus(ranked, config.top_p)
-        choice = jnp.argmax(ranked + token_gumbel(key, columns), axis=-1)[:, None]  # [B, 1]: Gumbel-max draw
-        tokens = jnp.take_along_axis(columns, choice, axis=-1)[:, 0]
-        if config.logprobs == "sampler":
-            return tokens, jnp.take_along_axis(jax.nn.log_softmax(ranked, axis=-1), choice, axis=-1)[:, 0]
+        tokens, logprobs = _top_k_draw(key, logits.astype(jnp.float32), config, kernel)
+        if logprobs is not None:
+            return tokens, logprobs
     else:
         filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
         tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
@@ -205,6 +203,41 @@ def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> 
     source = logits / config.temperature if config.logprobs == "tempered" and not greedy else logits
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(source, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+def _top_k_draw(key: jax.Array, logits: jax.Array, config: SamplingConfig,
+                kernel: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Top-k (then top-p) Gumbel-max draw among the k candidates: (tokens [B], logprobs [B] or None when the
+    caller computes them over the whole row). On a tie at the k-th value the XLA path does not specify which
+    tied token is a candidate; the kernel takes the lowest token ids."""
+    t, k = config.temperature, config.top_k
+    if not kernel:
+        ranked, columns = top_k_columns(logits / t, k)  # [B, k] descending
+    else:  # the kernel's candidates come in column order; its lse is of logits * scale
+        scale = 1.0 / t if config.logprobs == "tempered" else 1.0
+        values, columns, lse = topk.top_k(logits, k, scale=scale)
+        ranked = values / t
+        if config.top_p < 1.0:  # the nucleus needs them in descending order
+            ranked, order = jax.lax.top_k(ranked, k)
+            columns, values = (jnp.take_along_axis(a, order, axis=-1) for a in (columns, values))
+    if config.top_p < 1.0:
+        ranked = nucleus(ranked, config.top_p)
+    choice = jnp.argmax(ranked + token_gumbel(key, columns), axis=-1)[:, None]  # [B, 1]: Gumbel-max draw
+    tokens = jnp.take_along_axis(columns, choice, axis=-1)[:, 0]
+    if config.logprobs == "sampler":
+        return tokens, jnp.take_along_axis(jax.nn.log_softmax(ranked, axis=-1), choice, axis=-1)[:, 0]
+    if kernel:
+        return tokens, jnp.take_along_axis(values, choice, axis=-1)[:, 0] * scale - lse
+    return tokens, None
+
+
+def top_k_kernel_takes(model_cfg: ModelConfig, config: SamplingConfig) -> bool:
+    """Whether `generate_arrays` samples top-k through the Pallas kernel: the decode kernels' backends
+    (attention_impl auto on a GPU, pallas on a GPU or the CPU), on one device, a shape the kernel takes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (config.top_k > 0 and config.temperature > 0.0 and (mesh is None or mesh.empty)
+            and attention.decode_kernels_enabled(model_cfg.attention_impl)
+            and topk.unsupported_reason(model_cfg.vocab_size, config.top_k) is None)
 
 
 def _prefill(top, layers, cfg: ModelConfig, prompt_tokens, kv_positions, kv_segment_ids, cache_len: int):
@@ -241,6 +274,7 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
     top, layers = prepared
     logits, cache = _prefill(top, layers, model_cfg, prompt_tokens, kv_positions, kv_segment_ids, cache_len)
     stop = jnp.asarray(config.stop_tokens, jnp.int32)
+    kernel = top_k_kernel_takes(model_cfg, config)
     state = {"step": jnp.int32(0), "logits": logits, "cache": cache, "done": jnp.zeros((b,), bool),
              "tokens": jnp.full((b, n), config.pad_id, jnp.int32), "logprobs": jnp.zeros((b, n), jnp.float32),
              "mask": jnp.zeros((b, n), jnp.int32)}
@@ -250,7 +284,7 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
 
     def body(state):
         step, active = state["step"], ~state["done"]
-        token, logprob = sample_logits(jax.random.fold_in(key, step), state["logits"], config)
+        token, logprob = sample_logits(jax.random.fold_in(key, step), state["logits"], config, kernel)
         token = jnp.where(active, token, config.pad_id)
         done = state["done"] | (jnp.any(token[:, None] == stop[None, :], axis=-1) if stop.size else False)
         positions = (prompt_lengths.astype(jnp.int32) + step)[:, None]  # [B, 1]
