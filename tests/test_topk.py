@@ -43,6 +43,9 @@ def test_bad_shapes_raise_one_line_errors():
         topk.top_k(jnp.zeros((2, 50257)), 5, interpret=True)
     with pytest.raises(ValueError, match=r"top_k=70 is not in \[1, 64\]"):
         topk.top_k(jnp.zeros((2, 64)), 70, interpret=True)
+    with pytest.raises(ValueError, match="top_k=300 needs more than 8192 candidates"):
+        topk.top_k(jnp.zeros((2, 32000)), 300, interpret=True)
+    assert "16384 maxima" in topk.unsupported_reason(2**20, 50)
 
 
 @pytest.mark.gpu

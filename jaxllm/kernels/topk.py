@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 INT_MIN = -(2**31)
+MAX_CHUNKS = 16384  # chunk maxima held in registers (a 512k-token vocabulary)
+MAX_CANDIDATES = 8192  # candidate values held in registers (top_k up to 255 with 32-column chunks)
 
 
 def _next_pow2(n: int) -> int:
@@ -44,6 +46,10 @@ def unsupported_reason(v: int, k: int) -> str | None:
         return f"vocabulary size {v} has no power-of-two factor >= 8 (the kernel's chunk width)"
     if not 1 <= k <= v:
         return f"top_k={k} is not in [1, {v}]"
+    if _next_pow2(v // c) > MAX_CHUNKS:
+        return f"vocabulary size {v} makes {v // c} chunks of {c} (the kernel holds up to {MAX_CHUNKS} maxima)"
+    if _next_pow2(min(k, v // c) + 1) * c > MAX_CANDIDATES:
+        return f"top_k={k} needs more than {MAX_CANDIDATES} candidates in registers"
     return None
 
 
