@@ -50,11 +50,11 @@ def test_bad_shapes_raise_one_line_errors():
 
 @pytest.mark.gpu
 def test_top_k_on_gpu_matches_a_stable_sort():
-    """Triton-lowered: the 1b vocabulary at batch 64 and a Llama-3-sized one, exact."""
+    """Triton-lowered: the 1b vocabulary at batch 64, a Llama-3-sized one, the largest top_k taken, exact."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
     rng = np.random.default_rng(0)
-    for b, v, k in [(64, 32000, 50), (8, 128256, 40), (16, 4096, 1)]:
+    for b, v, k in [(64, 32000, 50), (8, 128256, 40), (16, 4096, 1), (4, 32000, 255)]:
         x = rng.normal(size=(b, v)).astype(np.float32) * 3
         x[1] = np.round(x[1])
         values, columns, lse = (np.asarray(a) for a in jax.jit(topk.top_k, static_argnums=1)(jnp.asarray(x), k))
