@@ -72,7 +72,8 @@ def normed_swiglu(x: jax.Array, gate_up: jax.Array, eps: float, *, interpret: bo
                   rows: int = 1, cols: int = 512, chunk: int = 2048, warps: int = 4) -> jax.Array:
     """`reference` in one kernel. x: [M, D] (the un-normed residual stream); gate_up: [M, 2F] -> [M, F] in
     gate_up's dtype. One program per block of rows and `cols` output columns (a power of two; smaller when F
-    is not a multiple of it); each program computes its rows' scale from x itself."""
+    is not a multiple of it); each program computes its rows' scale from x itself. The defaults (1 row, 512
+    columns, 4 warps) were the fastest for the 1b decode shape in an H200 sweep (docs/benchmarks.md)."""
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     (m, d), f = x.shape, gate_up.shape[-1] // 2
     reason = unsupported_reason(m, d, f)
