@@ -150,7 +150,7 @@ def project_qkv(p: Params, x: jax.Array, cfg: ModelConfig, norm: bool = True) ->
 def mlp(p: Params, x: jax.Array, cfg: ModelConfig, kernel: bool = False) -> jax.Array:
     """The MLP sublayer (its RMSNorm included) of x [B, T, D]. kernel: with the norm weight folded
     (fold_norms), the matmul takes x un-normed and one Pallas kernel applies the norm's row scale and SwiGLU."""
-    if kernel and "mlp_norm" not in p and "w_gate_up" in p and "b_gate" not in p and "b_up" not in p:
+    if kernel and "mlp_norm" not in p:  # fold_norms drops it only for a fused, bias-free gate/up
         b, t, d = x.shape
         gate_up = _dense(x, p["w_gate_up"], "btd,df->btf", p, None)  # [B, T, 2F]
         act = swiglu.normed_swiglu(x.reshape(b * t, d), gate_up.reshape(b * t, -1), cfg.norm_eps)

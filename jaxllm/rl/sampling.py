@@ -359,9 +359,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], model_cfg: ModelConfig,
 
 @partial(jax.jit, static_argnames="model_cfg")
 def prepare(params, model_cfg: ModelConfig) -> kv_cache.Prepared:
-    """The params as the sampler uses them: matrices in the compute dtype, q/k/v and gate/up fused. Pass the
-    result to `generate(..., prepared=)` or `generate_arrays` in place of params when sampling several batches
-    from the same params (the CLI, evaluation): each call then skips that work (~1% of a 1b call, H200)."""
+    """The params as the sampler uses them (kv_cache.prepare_params): matrices in the compute dtype, q/k/v and
+    gate/up fused, the layers' RMSNorm weights folded into them. Pass the result to `generate(..., prepared=)`
+    or `generate_arrays` in place of params when sampling several batches from the same params (the CLI,
+    evaluation): each call then skips that work (~1% of a 1b call, H200)."""
     return kv_cache.prepare_params(params, model_cfg)
 
 

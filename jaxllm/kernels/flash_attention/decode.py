@@ -90,11 +90,16 @@ def _accumulate(carry, s: jax.Array, v_ref, start: jax.Array):
     return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
 
+def _normalised(carry) -> jax.Array:
+    """The online softmax's accumulator divided by its sum, float32 [R, D] (zeros for a row with no allowed key)."""
+    acc, _, l = carry
+    return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+
+
 def _finish(o_ref, carry, mine: jax.Array | None) -> None:
     """Normalise the online softmax's accumulator (zeros for a row with no allowed key) into o_ref; with mine,
     store only those rows (the row's other KV heads' programs store the rest)."""
-    acc, _, l = carry
-    out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+    out = _normalised(carry).astype(o_ref.dtype)
     if mine is None:
         o_ref[...] = out
     else:
@@ -221,8 +226,7 @@ def _step_queries(q_ref, cos: jax.Array, sin: jax.Array, group: int, whole: bool
 def _store_rows(o_ref, carry, first: jax.Array, count: int) -> None:
     """Normalise the accumulator like `_finish` and store its top `count` rows as o_ref rows first to
     first + count - 1 (a row at a time: any count, not only powers of two)."""
-    acc, _, l = carry
-    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # [ROWS, D] float32
+    out = _normalised(carry)  # [ROWS, D] float32
     rows = lax.broadcasted_iota(jnp.int32, (out.shape[0], 1), 0)
     for i in range(count):
         o_ref[first + i, :] = jnp.max(jnp.where(rows == i, out, -jnp.inf), axis=0).astype(o_ref.dtype)
@@ -292,9 +296,8 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
     small kernels around the attention gone. norm_x: [B, D_model], the un-normed layer input when qkv is its
     projection through RMSNorm-folded weights (transformer.fold_norms): the kernel scales the projection by
     rsqrt(mean(norm_x^2) + eps) per row, so no RMSNorm kernel runs before the matmul. Launch settings as
-    `decode_attention`. With 16, 32 or 64 query
-    heads each program reads the row's whole query; otherwise (or pad=True) it gathers its KV head's query heads
-    into a padded tile (`_step_queries`).
+    `decode_attention`. With 16, 32 or 64 query heads each program reads the row's whole query; otherwise (or
+    pad=True) it gathers its KV head's query heads into a padded tile (`_step_queries`).
     """
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     reason = step_unsupported_reason(qkv.shape, n_heads, cache_k.shape, gpu=not interpret,
