@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.random import threefry2x32_p
 
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.data.pipeline import DataError
@@ -170,18 +171,28 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def token_gumbel(key: jax.Array, columns: jax.Array) -> jax.Array:
-    """Gumbel noise [B, k] float32 for candidate token ids columns [B, k], drawn per (row, token id) rather than
-    per candidate slot: a candidate keeps its noise when tiny logit differences (another kernel, another
-    backend) reorder the candidates, so such runs pick the same tokens far more often."""
-    rows = jax.random.split(key, columns.shape[0])
-    return jax.vmap(lambda row, ids: jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(row, i)))(ids))(
-        rows, columns)
+def token_gumbel(key: jax.Array, columns: jax.Array, step: jax.Array | int = 0) -> jax.Array:
+    """Gumbel noise [B, k] float32 for candidate token ids columns [B, k] at decode step `step`, drawn per
+    (step, row, token id) rather than per candidate slot: a candidate keeps its noise when tiny logit differences
+    (another kernel, another backend) reorder the candidates, so such runs pick the same tokens far more often.
+
+    A Threefry-2x32 hash of the counter pair (step * B + row, token id), keyed by two words drawn from key
+    (the same every step, so a loop computes them once), gives 24 uniform bits per value: the per-step work is
+    one hash, where a key per step, per row and per token (fold_in, split, fold_in, then gumbel) ran as a
+    chain of about eight small kernels on a GPU."""
+    words = jax.random.bits(key, (2,), jnp.uint32)
+    rows = jax.lax.broadcasted_iota(jnp.uint32, columns.shape, 0) + jnp.uint32(columns.shape[0]) * jnp.uint32(step)
+    bits, _ = threefry2x32_p.bind(words[0], words[1], rows, columns.astype(jnp.uint32))
+    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * 2.0**-24  # in (0, 1): both logs stay finite
+    return -jnp.log(-jnp.log(uniform))
 
 
-def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig,
-                  kernel: bool = False) -> tuple[jax.Array, jax.Array]:
+def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig, kernel: bool = False,
+                  step: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
     """One token per row from logits [B, V] float32 -> (tokens [B] int32, logprobs [B] float32).
+
+    key, step: the draw is a function of both; a decode loop passes one key and its step counter, so no key is
+    derived per step (different steps draw independent noise).
 
     With top-k the draw is among the k candidates only (exactly k tokens), so the random draw and the
     renormalisation cost O(k), not O(V), per row. kernel: find the candidates and the row's log-sum-exp with
@@ -192,12 +203,12 @@ def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig,
         if config.logprobs == "sampler":
             return tokens, jnp.zeros(tokens.shape, jnp.float32)
     elif config.top_k:
-        tokens, logprobs = _top_k_draw(key, logits.astype(jnp.float32), config, kernel)
+        tokens, logprobs = _top_k_draw(key, logits.astype(jnp.float32), config, kernel, step)
         if logprobs is not None:
             return tokens, logprobs
     else:
         filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
-        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        tokens = jax.random.categorical(jax.random.fold_in(key, step), filtered, axis=-1).astype(jnp.int32)
         if config.logprobs == "sampler":
             return tokens, jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
     source = logits / config.temperature if config.logprobs == "tempered" and not greedy else logits
@@ -205,8 +216,8 @@ def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig,
     return tokens, logprobs
 
 
-def _top_k_draw(key: jax.Array, logits: jax.Array, config: SamplingConfig,
-                kernel: bool) -> tuple[jax.Array, jax.Array | None]:
+def _top_k_draw(key: jax.Array, logits: jax.Array, config: SamplingConfig, kernel: bool,
+                step: jax.Array | int) -> tuple[jax.Array, jax.Array | None]:
     """Top-k (then top-p) Gumbel-max draw among the k candidates: (tokens [B], logprobs [B] or None when the
     caller computes them over the whole row). On a tie at the k-th value the XLA path does not specify which
     tied token is a candidate; the kernel takes the lowest token ids."""
@@ -222,7 +233,7 @@ def _top_k_draw(key: jax.Array, logits: jax.Array, config: SamplingConfig,
             columns, values = (jnp.take_along_axis(a, order, axis=-1) for a in (columns, values))
     if config.top_p < 1.0:
         ranked = nucleus(ranked, config.top_p)
-    choice = jnp.argmax(ranked + token_gumbel(key, columns), axis=-1)[:, None]  # [B, 1]: Gumbel-max draw
+    choice = jnp.argmax(ranked + token_gumbel(key, columns, step), axis=-1)[:, None]  # [B, 1]: Gumbel-max draw
     tokens = jnp.take_along_axis(columns, choice, axis=-1)[:, 0]
     if config.logprobs == "sampler":
         return tokens, jnp.take_along_axis(jax.nn.log_softmax(ranked, axis=-1), choice, axis=-1)[:, 0]
@@ -279,24 +290,29 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
              "tokens": jnp.full((b, n), config.pad_id, jnp.int32), "logprobs": jnp.zeros((b, n), jnp.float32),
              "mask": jnp.zeros((b, n), jnp.int32)}
 
-    def cond(state):
-        return (state["step"] < n) & ~jnp.all(state["done"])
-
-    def body(state):
+    def sample(state):  # draw step's token from state["logits"] and record it; no forward
         step, active = state["step"], ~state["done"]
-        token, logprob = sample_logits(jax.random.fold_in(key, step), state["logits"], config, kernel)
+        token, logprob = sample_logits(key, state["logits"], config, kernel, step)
         token = jnp.where(active, token, config.pad_id)
         done = state["done"] | (jnp.any(token[:, None] == stop[None, :], axis=-1) if stop.size else False)
+        put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None].astype(buf.dtype), step, 1)
+        return token, {**state, "done": done, "tokens": put(state["tokens"], token),
+                       "logprobs": put(state["logprobs"], jnp.where(active, logprob, 0.0)),
+                       "mask": put(state["mask"], active)}
+
+    def body(state):
+        token, state = sample(state)
+        step = state["step"]
         positions = (prompt_lengths.astype(jnp.int32) + step)[:, None]  # [B, 1]
         hidden, cache = kv_cache.forward(top, layers, model_cfg, token[:, None], positions, state["cache"],
                                          p + step, kv_positions, kv_segment_ids)
-        put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None].astype(buf.dtype), step, 1)
-        return {"step": step + 1, "logits": kv_cache.last_logits(top, model_cfg, hidden), "cache": cache,
-                "done": done, "tokens": put(state["tokens"], token),
-                "logprobs": put(state["logprobs"], jnp.where(active, logprob, 0.0)),
-                "mask": put(state["mask"], active)}
+        return {**state, "step": step + 1, "logits": kv_cache.last_logits(top, model_cfg, hidden), "cache": cache}
 
-    state = jax.lax.while_loop(cond, body, state)
+    # Steps 0 .. n-2 sample and run the model on their token; the last token needs no forward (its logits
+    # would go unused), so it is sampled after the loop. An early exit (every row stopped) leaves step < n - 1;
+    # that last draw then writes pad_id / 0 / 0 into a column that already holds them.
+    state = jax.lax.while_loop(lambda s: (s["step"] < n - 1) & ~jnp.all(s["done"]), body, state)
+    state = sample(state)[1]
     return tuple(constrain(state[k], ("batch", None)) for k in ("tokens", "logprobs", "mask"))
 
 
