@@ -38,6 +38,19 @@ def test_top_k_matches_a_stable_sort(v, k):
     np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_kth_largest_stops_early_only_when_it_may():
+    """The bisection (the kernel's selection step) against np.sort on int32 keys: distinct keys (it stops
+    early), keys tied at the k-th (it runs all 32 passes), negative keys and INT_MIN padding."""
+    rng = np.random.default_rng(0)
+    cases = [rng.permutation(np.arange(-500, 524, dtype=np.int32)).reshape(8, 128),
+             rng.integers(-4, 4, (4, 64)).astype(np.int32),
+             np.concatenate([rng.integers(-2**31 + 1, 2**31 - 1, (2, 40)), np.full((2, 24), -2**31)], 1).astype(np.int32)]
+    for keys in cases:
+        for k in (1, 5, 17, keys.size // 2, keys.size):
+            want = np.sort(keys.ravel())[::-1][k - 1]
+            assert int(topk._kth_largest(jnp.asarray(keys), k)) == want, (keys.shape, k)
+
+
 def test_bad_shapes_raise_one_line_errors():
     with pytest.raises(ValueError, match="vocabulary size 50257 has no power-of-two factor >= 8"):
         topk.top_k(jnp.zeros((2, 50257)), 5, interpret=True)
