@@ -309,8 +309,8 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
         return {**state, "step": step + 1, "logits": kv_cache.last_logits(top, model_cfg, hidden), "cache": cache}
 
     # Steps 0 .. n-2 sample and run the model on their token; the last token needs no forward (its logits
-    # would go unused), so it is sampled after the loop. An early exit (every row stopped) leaves step < n - 1;
-    # that last draw then writes pad_id / 0 / 0 into a column that already holds them.
+    # would go unused), so it is sampled after the loop. When every row has stopped (the loop may exit early),
+    # that draw finds no active row and writes pad_id / 0 / 0 into a column that already holds them.
     state = jax.lax.while_loop(lambda s: (s["step"] < n - 1) & ~jnp.all(s["done"]), body, state)
     state = sample(state)[1]
     return tuple(constrain(state[k], ("batch", None)) for k in ("tokens", "logprobs", "mask"))
