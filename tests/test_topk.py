@@ -44,7 +44,8 @@ def test_kth_largest_stops_early_only_when_it_may():
     rng = np.random.default_rng(0)
     cases = [rng.permutation(np.arange(-500, 524, dtype=np.int32)).reshape(8, 128),
              rng.integers(-4, 4, (4, 64)).astype(np.int32),
-             np.concatenate([rng.integers(-2**31 + 1, 2**31 - 1, (2, 40)), np.full((2, 24), -2**31)], 1).astype(np.int32)]
+             np.concatenate([rng.integers(-2**31 + 1, 2**31 - 1, (2, 40)), np.full((2, 24), -2**31)],
+                            1).astype(np.int32)]
     for keys in cases:
         for k in (1, 5, 17, keys.size // 2, keys.size):
             want = np.sort(keys.ravel())[::-1][k - 1]
