@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllm.kernels.launch import triton_params
+
 
 def _pow2_chunk(n: int, largest: int) -> int:
     """The largest power of two <= largest dividing n."""
@@ -81,11 +83,7 @@ def normed_swiglu(x: jax.Array, gate_up: jax.Array, eps: float, *, interpret: bo
         raise ValueError(f"normed_swiglu can't take x {x.shape}, gate_up {gate_up.shape}: "
                          f"{reason or 'want gate_up [M, 2F] with the rows of x'}")
     rows, cols = row_block(m, rows), _pow2_chunk(f, cols)
-    params = {"interpret": True}
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (GPU only)
-
-        params = {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=1)}
+    params = triton_params(interpret, warps, 1)
     blocks = f // cols
     return pl.pallas_call(
         functools.partial(_kernel, eps=eps, chunk=chunk),

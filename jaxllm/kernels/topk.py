@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllm.kernels.launch import triton_params
+
 INT_MIN = -(2**31)
 MAX_CHUNKS = 16384  # chunk maxima held in registers (a 512k-token vocabulary)
 MAX_CANDIDATES = 8192  # candidate values held in registers (top_k up to 255 with 32-column chunks)
@@ -159,11 +161,7 @@ def top_k(x: jax.Array, k: int, *, scale: float = 1.0, interpret: bool | None = 
     n_chunks = v // c
     rows = min(rows, _next_pow2(n_chunks))
     slices = _next_pow2(n_chunks) // rows
-    params = {"interpret": True}
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (GPU only)
-
-        params = {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
+    params = triton_params(interpret, warps, stages)
     w = _next_pow2(k + 1)  # > k: slot w - 1 takes the masked-off scatters
     w_chunks = _next_pow2(min(k, n_chunks) + 1)
     row = lambda i: (i, 0)  # noqa: E731

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllm.kernels.launch import triton_params
 from jaxllm.kernels.swiglu import rms_scale
 
 LOG2E = math.log2(math.e)
@@ -112,13 +113,7 @@ def _launch(d: int, s: int, block: int | None, warps: int, stages: int | None, i
     """(key block, pallas_call launch kwargs) for head dim d and a cache of s columns; None picks the defaults of
     the H200 sweep (docs/benchmarks.md): 64-column blocks and 2 stages for d <= 64, 32 and 3 above."""
     small = d <= 64
-    block = block_size(s, block or (64 if small else 32))
-    if interpret:
-        return block, {"interpret": True}
-    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (GPU only)
-
-    stages = stages or (2 if small else 3)
-    return block, {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
+    return block_size(s, block or (64 if small else 32)), triton_params(interpret, warps, stages or (2 if small else 3))
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,

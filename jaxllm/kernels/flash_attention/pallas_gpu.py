@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllm.kernels.launch import triton_params
+
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128, 256)  # what the GPU path supports; interpret mode takes any head dim
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -195,11 +197,7 @@ def _seg_specs(st: _Static, q_block_map, kv_block_map, bq: int, bk: int | None, 
 
 
 def _params(st: _Static, warps: int, stages: int):
-    if st.interpret:
-        return {"interpret": True}
-    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (GPU only)
-
-    return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
+    return triton_params(st.interpret, warps, stages)
 
 
 def _forward(q, k, v, q_seg, kv_seg, st: _Static):
