@@ -130,8 +130,8 @@ def decode_step_takes(impl: str, qkv_shape: tuple[int, ...], n_heads: int, cache
     runs RoPE, the cache write and `attention` as separate ops, saying once why."""
     if not decode_kernels_enabled(impl):
         return False
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh is None or mesh.empty else _ways(mesh, "kv_heads")
+    mesh = rules.active_mesh()
+    shards = 1 if mesh is None else _ways(mesh, "kv_heads")
     b, rows, d = qkv_shape
     if n_heads % shards or cache_shape[2] % shards:
         reason = f"{n_heads} query / {cache_shape[2]} KV heads do not split over {shards} devices"
@@ -150,8 +150,8 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
                 norm_x: jax.Array | None = None, eps: float = 1e-5) -> tuple[jax.Array, jax.Array, jax.Array]:
     """decode.decode_step (see there for shapes and norm_x) on each device's shard under a mesh: batch split,
     and heads split by giving each device its own query heads' and KV heads' rows of qkv."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
+    mesh = rules.active_mesh()
+    if mesh is None:
         return decode.decode_step(qkv, n_heads, cos, sin, *cache, q_positions, kv_positions, kv_segment_ids, index,
                                   norm_x=norm_x, eps=eps)
     kh = cache[0].shape[2]
@@ -170,8 +170,7 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
 def decode_mlp_takes(impl: str, rows: int, d_model: int, d_ff: int) -> bool:
     """Whether a decode step's MLP runs its RMSNorm scale and SwiGLU as one Pallas kernel (kernels/swiglu.py,
     with the norm weight folded): the decode kernels' backends, on one device (under a mesh XLA runs it)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not decode_kernels_enabled(impl) or not (mesh is None or mesh.empty):
+    if not decode_kernels_enabled(impl) or rules.active_mesh() is not None:
         return False
     reason = swiglu.unsupported_reason(rows, d_model, d_ff)
     if reason is not None:
@@ -215,8 +214,8 @@ def _per_shard(fn, args: tuple, axes: tuple, out_axes: tuple | None = None):
 
     A pallas_call has no partitioning rule, so without this XLA would gather the whole batch to every device.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
+    mesh = rules.active_mesh()
+    if mesh is None:
         return fn(*args)
     specs = tuple(None if x is None else _mesh_spec(mesh, a) for x, a in zip(args, axes))
     if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):  # explicit meshes: move the data first

@@ -58,13 +58,19 @@ def fit(partition: P, shape: tuple[int, ...], axis_sizes: dict[str, int]) -> P:
     return P(*out)
 
 
+def active_mesh():
+    """The mesh set by jax.set_mesh (abstract), or None when none is set: one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     """Constrain an activation's sharding when a mesh is set (jax.set_mesh); else a no-op.
 
     Dimensions a mesh axis does not divide (a batch of 1 while sampling) stay replicated over it.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
+    mesh = active_mesh()
+    if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, fit(spec(logical_axes), x.shape, dict(mesh.shape)))
 

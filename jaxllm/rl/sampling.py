@@ -24,7 +24,7 @@ from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.data.pipeline import DataError
 from jaxllm.kernels import topk
 from jaxllm.models import attention, transformer
-from jaxllm.parallel.rules import constrain
+from jaxllm.parallel.rules import active_mesh, constrain
 from jaxllm.rl import kv_cache
 
 LOGPROBS = ("policy", "tempered", "sampler")
@@ -245,8 +245,7 @@ def _top_k_draw(key: jax.Array, logits: jax.Array, config: SamplingConfig, kerne
 def top_k_kernel_takes(model_cfg: ModelConfig, config: SamplingConfig) -> bool:
     """Whether `generate_arrays` samples top-k through the Pallas kernel: the decode kernels' backends
     (attention_impl auto on a GPU, pallas on a GPU or the CPU), on one device, a shape the kernel takes."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return (config.top_k > 0 and config.temperature > 0.0 and (mesh is None or mesh.empty)
+    return (config.top_k > 0 and config.temperature > 0.0 and active_mesh() is None
             and attention.decode_kernels_enabled(model_cfg.attention_impl)
             and topk.unsupported_reason(model_cfg.vocab_size, config.top_k) is None)
 
