@@ -181,12 +181,11 @@ def fold_norms(p: Params) -> Params:
     norm kernel before it. A norm whose projections have biases stays (the scale must precede the bias).
     Fold in float32, before casting the matrices to the compute dtype."""
     p = dict(p)
-    if "wqkv" in p and not any(b in p for b in ("bq", "bk", "bv")):
-        norm = p.pop("attn_norm").astype(jnp.float32)
-        p["wqkv"] = (norm[:, None, None] * p["wqkv"].astype(jnp.float32)).astype(p["wqkv"].dtype)
-    if "w_gate_up" in p and not any(b in p for b in ("b_gate", "b_up")):
-        norm = p.pop("mlp_norm").astype(jnp.float32)
-        p["w_gate_up"] = (norm[:, None] * p["w_gate_up"].astype(jnp.float32)).astype(p["w_gate_up"].dtype)
+    for name, norm_name, biases in (("wqkv", "attn_norm", ("bq", "bk", "bv")),
+                                    ("w_gate_up", "mlp_norm", ("b_gate", "b_up"))):
+        if name in p and not any(b in p for b in biases):
+            w, norm = p[name], p.pop(norm_name).astype(jnp.float32)
+            p[name] = (norm.reshape(-1, *[1] * (w.ndim - 1)) * w.astype(jnp.float32)).astype(w.dtype)
     return p
 
 
