@@ -190,6 +190,10 @@ def _pallas(q, k, v, segment_ids, kv_segment_ids, causal):
         from jaxllm.kernels.flash_attention import pallas_tpu  # noqa: PLC0415 (TPU only)
 
         return pallas_tpu.flash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
+    if jax.default_backend() == "gpu":
+        reason = pallas_gpu.mosaic_forward_reason(q.shape, k.shape, q.dtype, causal)
+        if reason is not None:
+            _say_once(f"attention: the flash forward runs as the portable Triton kernel, not Mosaic GPU: {reason}")
     return pallas_gpu.flash_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                       causal=causal)
 

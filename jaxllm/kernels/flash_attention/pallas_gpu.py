@@ -1,6 +1,8 @@
 """Portable Pallas flash attention: forward, dK/dV and dQ kernels under one jax.custom_vjp.
 
-Runs through Pallas' Triton lowering on a GPU and with `interpret=True` anywhere (the CPU tests).
+Runs through Pallas' Triton lowering on a GPU and with `interpret=True` anywhere (the CPU tests). On a Hopper
+GPU the forward runs as the Mosaic GPU kernel of `mosaic_gpu.py` where it takes the shape (same outputs,
+including the log-sum-exp the backward reads); `forward_kernel` picks one explicitly.
 Layout stays [B, T, H, D] (no transposes). Causal masking skips whole blocks above the diagonal and
 masks only the blocks that cross it; segment ids (0 = padding) mask packed documents; GQA reads the
 shared KV head through the index map (q head h -> kv head h // G), K/V are never repeated. Lengths that
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllm.kernels.flash_attention import mosaic_gpu
 from jaxllm.kernels.launch import triton_params
 
 LOG2E = math.log2(math.e)
@@ -75,6 +78,7 @@ class _Static:
     group: int  # query heads per KV head
     blocks: Blocks
     interpret: bool
+    mosaic: bool = False  # the forward runs as mosaic_gpu.forward
 
     @property
     def offset(self) -> int:  # query t sees keys <= t + offset (queries aligned to the end of the keys)
@@ -202,6 +206,9 @@ def _params(st: _Static, warps: int, stages: int):
 
 def _forward(q, k, v, q_seg, kv_seg, st: _Static):
     """Padded q: [B, Tp, H, D]; k, v: [B, Sp, K, D] -> (o [B, Tp, H, D], lse [B, H, Tp] float32)."""
+    if st.mosaic:
+        return mosaic_gpu.forward(q, k, v, q_seg, kv_seg, causal=st.causal, scale=st.scale, offset=st.offset,
+                                  s_real=st.s if st.ragged else None, settings=mosaic_settings(k.shape[1]))
     b, tp, h, d = q.shape
     sp = k.shape[1]
     bq, g = st.blocks.q, st.group
@@ -373,6 +380,47 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _padded(t: int, s: int, blocks: Blocks) -> tuple[int, int]:
+    """(Tp, Sp): the query and key lengths padded to a multiple of every kernel's block."""
+    q_mult = max(blocks.q, blocks.bwd_q, blocks.dq[0])  # powers of two: the max is a common multiple
+    k_mult = max(blocks.k, blocks.bwd_k, blocks.dq[1])
+    return _round_up(t, q_mult), _round_up(s, k_mult)
+
+
+def mosaic_settings(sp: int) -> mosaic_gpu.Settings:
+    """The Mosaic forward's launch settings for Sp padded keys: 128-key blocks in 2 slots where Sp allows, else
+    64-key blocks in 4 (the faster of an H200 sweep, docs/benchmarks.md)."""
+    return mosaic_gpu.Settings(128, 2) if sp % 128 == 0 else mosaic_gpu.Settings(64, 4)
+
+
+def _cuda_runtime() -> int | None:
+    try:
+        from jax._src.lib import cuda_versions  # noqa: PLC0415 (absent on CPU-only installs)
+
+        return int(cuda_versions.cuda_runtime_get_version())
+    except Exception:  # noqa: BLE001 (no CUDA plugin: the caller treats None as unknown)
+        return None
+
+
+def mosaic_forward_reason(q_shape: tuple, k_shape: tuple, dtype, causal: bool, blocks: Blocks | None = None,
+                          interpret: bool = False) -> str | None:
+    """Why the forward can't run as the Mosaic GPU kernel for q [B, T, H, D], k [B, S, K, D] (None when it can)."""
+    if interpret:
+        return "interpret mode (the Mosaic GPU kernel runs on Hopper GPUs only)"
+    device = jax.devices()[0]
+    if device.platform != "gpu" or not str(getattr(device, "compute_capability", "")).startswith("9."):
+        return f"{device.device_kind} is not a Hopper GPU (compute capability 9.x; wgmma)"
+    runtime = _cuda_runtime()
+    if causal and runtime is not None and 12080 <= runtime < 12091:
+        return f"CUDA runtime {runtime}: ptxas 12.8-12.9.0 miscompiles the causal mask (upgrade to >= 12.9.1)"
+    d = q_shape[-1]
+    tp, sp = _padded(q_shape[1], k_shape[1], blocks or default_blocks(d, jnp.dtype(dtype).itemsize))
+    return mosaic_gpu.unsupported_reason(dtype, d, tp, sp, mosaic_settings(sp))
+
+
+FORWARD_KERNELS = ("auto", "mosaic", "triton")
+
+
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -384,31 +432,41 @@ def flash_attention(
     scale: float | None = None,
     blocks: Blocks | None = None,
     interpret: bool | None = None,
+    forward_kernel: str = "auto",
 ) -> jax.Array:
     """Flash attention with the reference's contract.
 
     q: [B, T, H, D]; k, v: [B, S, K, D] (H a multiple of K); segment_ids: [B, T] int (0 = padding),
     kv_segment_ids: [B, S] (defaults to segment_ids). Returns [B, T, H, D] in q's dtype. `interpret`
-    defaults to True off GPU (the CPU tests); blocks default to `default_blocks(D)`.
+    defaults to True off GPU (the CPU tests); blocks default to `default_blocks(D)`. forward_kernel: "mosaic"
+    (the Hopper kernel of mosaic_gpu.py; an error where `mosaic_forward_reason` says it can't run), "triton"
+    (the portable kernel here) or "auto" (mosaic where it runs, else triton). The backward is the portable one.
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
     if h % kh or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"flash_attention: bad shapes q {q.shape}, k {k.shape}, v {v.shape} "
                          "(want q [B,T,H,D], k = v [B,S,K,D] with H a multiple of K)")
+    if forward_kernel not in FORWARD_KERNELS:
+        raise ValueError(f"flash_attention: forward_kernel={forward_kernel!r}; choose one of {FORWARD_KERNELS}")
     if kv_segment_ids is None and segment_ids is not None:
         if s != t:
             raise ValueError(f"flash_attention: T={t} != S={s}; pass kv_segment_ids [B, S] too")
         kv_segment_ids = segment_ids
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     blocks = blocks or default_blocks(d, jnp.dtype(q.dtype).itemsize)
-    q_mult = max(blocks.q, blocks.bwd_q, blocks.dq[0])  # powers of two: the max is a common multiple
-    k_mult = max(blocks.k, blocks.bwd_k, blocks.dq[1])
-    tp, sp = _round_up(t, q_mult), _round_up(s, k_mult)
+    tp, sp = _padded(t, s, blocks)
+    mosaic = False
+    if forward_kernel != "triton":
+        reason = mosaic_forward_reason(q.shape, k.shape, q.dtype, causal, blocks, bool(interpret))
+        if reason is not None and forward_kernel == "mosaic":
+            raise ValueError(f"flash_attention: forward_kernel='mosaic' can't run here: {reason}; "
+                             "pass forward_kernel='auto' or 'triton'")
+        mosaic = reason is None
     has_seg = segment_ids is not None
     st = _Static(t=t, s=s, tp=tp, sp=sp, causal=causal, has_seg=has_seg,
                  scale=float(d**-0.5 if scale is None else scale), group=h // kh, blocks=blocks,
-                 interpret=bool(interpret))
+                 interpret=bool(interpret), mosaic=mosaic)
     pad_t = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     pad_s = ((0, 0), (0, sp - s), (0, 0), (0, 0))
     q, k, v = jnp.pad(q, pad_t), jnp.pad(k, pad_s), jnp.pad(v, pad_s)  # no-ops when aligned
