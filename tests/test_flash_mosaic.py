@@ -25,12 +25,14 @@ def _rel(x, ref):
     return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
-@pytest.mark.parametrize("causal,with_seg,s_real", [(True, False, None), (True, True, None), (False, False, 200)])
-def test_kernel_lowers_for_cuda_on_the_cpu(causal, with_seg, s_real):
-    """Tracing and the Pallas -> Mosaic GPU lowering run without a GPU (compilation to PTX needs one)."""
-    q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
-    seg = jax.ShapeDtypeStruct((1, 256), jnp.int32) if with_seg else None
+@pytest.mark.parametrize("t,causal,with_seg,s_real", [(256, True, False, None), (256, True, True, None),
+                                                      (256, False, False, 200), (128, True, True, None)])
+def test_kernel_lowers_for_cuda_on_the_cpu(t, causal, with_seg, s_real):
+    """Tracing and the Pallas -> Mosaic GPU lowering run without a GPU (compilation to PTX needs one); t = 128
+    is one key block, fewer than the ring's slots (a generation prefill of 128 tokens)."""
+    q = jax.ShapeDtypeStruct((1, t, 4, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, t), jnp.int32) if with_seg else None
     fn = functools.partial(mosaic_gpu.forward, causal=causal, scale=0.1, offset=0, s_real=s_real)
     text = jax.jit(fn).trace(q, k, k, seg, seg).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -56,6 +58,7 @@ GPU_CASES = [  # b, t, s, h, kh, d, causal, with_segments, dtype
     (2, 256, 256, 4, 4, 128, False, False, jnp.float16),  # not causal, fp16
     (1, 256, 512, 4, 2, 128, True, False, jnp.bfloat16),  # fewer queries than keys (aligned to the end)
     (1, 2048, 2048, 2, 2, 128, True, False, jnp.bfloat16),  # many key blocks per CTA (the slot ring wraps)
+    (4, 128, 128, 4, 2, 128, True, True, jnp.bfloat16),  # one key block (as in a generation prefill), a padding tail
 ]
 
 

@@ -231,7 +231,7 @@ def _load(c: _Cta) -> None:
         if c.has_seg:
             plgpu.copy_gmem_to_smem(ks_ref.at[c.b, cols], c.smem[5].at[slot], c.ready[4].at[slot])
 
-    for i in range(slots):  # fill the ring
+    for i in range(min(slots, k_ref.shape[1] // bk)):  # fill the ring (no more slots than the keys have blocks)
         pl.when(i < c.loads)(functools.partial(fetch, i, i))
 
     @pl.loop(slots, c.loads)
