@@ -9,6 +9,7 @@ trace and Pallas-to-Mosaic lowering), and bad settings give one-line errors.
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +88,20 @@ def test_mosaic_forward_and_gradients_match_reference_on_gpu(b, t, s, h, kh, d, 
     errs = [_rel(a.astype(jnp.float32), r) for a, r in zip(ours, ref)]
     assert not any(bool(jnp.isnan(a.astype(jnp.float32)).any()) for a in ours)
     assert max(errs) < TOL, errs
+
+
+def test_auto_picks_the_mosaic_forward_only_where_it_runs(monkeypatch):
+    """The decision logic on a pretend Hopper device: shapes it takes, and one-line reasons for the rest."""
+    assert "not a Hopper GPU" in pallas_gpu.mosaic_forward_reason((1, 128, 2, 64), (1, 128, 2, 64), jnp.bfloat16, True)
+    hopper = types.SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200")
+    monkeypatch.setattr(jax, "devices", lambda *a: [hopper])
+    reason = functools.partial(pallas_gpu.mosaic_forward_reason, causal=True)
+    assert reason((2, 100, 4, 128), (2, 100, 2, 128), jnp.bfloat16) is None  # padded to 128 queries and keys
+    assert reason((2, 1000, 4, 64), (2, 1000, 2, 64), jnp.float16) is None  # 1024 keys: 128-key blocks
+    assert pallas_gpu.mosaic_settings(1024).block_k == 128 and pallas_gpu.mosaic_settings(960).block_k == 64
+    assert "head dim 256" in reason((1, 128, 2, 256), (1, 128, 2, 256), jnp.bfloat16)
+    assert "dtype float32" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.float32)
+    assert reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16, interpret=True).startswith("interpret mode")
+    monkeypatch.setattr(pallas_gpu, "_cuda_runtime", lambda: 12080)
+    assert "miscompiles" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16)
+    assert pallas_gpu.mosaic_forward_reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16, False) is None
