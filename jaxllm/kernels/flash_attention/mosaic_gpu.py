@@ -6,8 +6,8 @@ with the scores, the online softmax (float32, base 2) and the output accumulator
 warpgroup streams that head's key and value blocks through a ring of shared-memory slots with TMA copies (K/V are
 read once per CTA, never repeated for GQA). Each slot has a "ready" barrier (the copy landed) and a "free"
 barrier (both compute warpgroups are done with it). Causal attention skips the key blocks above the diagonal
-(the loader stops at the last block the CTA's lower warpgroup needs; the upper one hands back the slots it
-skips) and masks only the blocks that cross it. Segment ids (0 = padding) mask packed documents. The output
+(the loader stops at the last block that warpgroup 1, holding the later rows, needs; warpgroup 0 hands back the
+slots of the blocks it does not see) and masks only the blocks that cross it. Segment ids (0 = padding) mask packed documents. The output
 contract is `pallas_gpu._forward`'s: o [B, Tp, H, D] and the base-2 log-sum-exp [B, H, Tp] float32 (+inf for a
 row with no allowed key, whose output is 0), so `pallas_gpu`'s backward kernels run on it unchanged.
 
