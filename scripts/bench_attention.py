@@ -1,10 +1,12 @@
 """Attention benchmark: our Pallas flash kernel vs cuDNN vs XLA, in one run on one GPU.
 
     python scripts/bench_attention.py --out bench.jsonl [--seqs 1024,2048,...] [--dims 64,128] [--sweep]
+                                      [--impls pallas,triton,cudnn,xla]
 
 Checks every kernel against the float32 reference first (forward and gradients, with segment ids, GQA and
 ragged lengths), then times forward and forward+backward (warm-up 2, median of --iters calls) for
-bf16, 16 heads, 16k tokens per batch, causal and not. FLOPs: forward 4*B*H*S^2*D (halved when causal),
+bf16, 16 heads, 16k tokens per batch, causal and not: ours as `auto` runs it (`pallas`: the Mosaic GPU forward
+on Hopper), ours with the portable Triton forward forced (`triton`), cuDNN and XLA. FLOPs: forward 4*B*H*S^2*D (halved when causal),
 forward+backward 3.5x forward. Prints one table; writes JSON lines. Also reports the compiled temp memory
 of forward+backward at the longest S (O(S) check).
 """
