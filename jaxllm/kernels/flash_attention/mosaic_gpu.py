@@ -27,6 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jaxllm.kernels.flash_attention import tiles
+
 LOG2E = math.log2(math.e)
 ROWS = 64  # query rows per compute warpgroup: wgmma's M
 WGS = 2  # compute warpgroups per CTA; one more loads K/V
@@ -60,20 +62,6 @@ def unsupported_reason(dtype, head_dim: int, tp: int, sp: int, settings: Setting
 def _transforms(dtype) -> tuple:
     """Shared-memory layout of a [rows, D] tile for wgmma: 8 x (128-byte row) tiles, 128-byte swizzle."""
     return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
-
-
-def _ranges(q0, *, causal: bool, offset: int, n_k: int, bk: int, full_cap: int | None, has_seg: bool):
-    """(unmasked, total) key blocks for 64 query rows from q0: blocks [0, unmasked) need no mask."""
-    if causal:
-        hi = jnp.clip(lax.div(q0 + ROWS + offset + bk - 1, bk), 0, n_k)
-        full = jnp.clip(lax.div(q0 + offset + 1, bk), 0, n_k)
-    else:
-        hi = full = jnp.int32(n_k)
-    if full_cap is not None:  # ragged keys: the last real block is masked
-        full = jnp.minimum(full, full_cap)
-    if has_seg:
-        full = jnp.int32(0)
-    return jnp.minimum(full, hi), hi
 
 
 def _mask(s, q0, k0, qs, ks_ref, *, causal: bool, offset: int, s_real: int | None):
@@ -121,8 +109,9 @@ class _Cta:
 
     def ranges(self, q0):
         bk = self.settings.block_k
-        return _ranges(q0, causal=self.causal, offset=self.offset, n_k=self.refs[1].shape[1] // bk, bk=bk,
-                       has_seg=self.has_seg, full_cap=None if self.s_real is None else self.s_real // bk)
+        return tiles.key_blocks(q0, ROWS, bk=bk, n_k=self.refs[1].shape[1] // bk, causal=self.causal,
+                                offset=self.offset, full_cap=None if self.s_real is None else self.s_real // bk,
+                                has_seg=self.has_seg)
 
     def meet(self):
         """Both compute warpgroups reach this point."""

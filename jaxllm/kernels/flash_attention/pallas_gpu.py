@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxllm.kernels.flash_attention import mosaic_gpu
+from jaxllm.kernels.flash_attention import mosaic_gpu, tiles
 from jaxllm.kernels.launch import triton_params
 
 LOG2E = math.log2(math.e)
@@ -128,18 +128,8 @@ def _cdiv(x, y: int):
 
 def _kv_range(st: _Static, sp: int, q_start, bq: int, bk: int):
     """(n_unmasked, n_total) key blocks for a query block: blocks [0, n_unmasked) need no mask."""
-    nk = sp // bk
-    if st.causal:
-        hi = jnp.clip(_cdiv(jnp.maximum(q_start + bq + st.offset, 0), bk), 0, nk)
-        full = lax.div(jnp.maximum(q_start + st.offset + 1, 0), bk)
-    else:
-        hi = jnp.int32(nk)
-        full = jnp.int32(nk)
-    if st.ragged:
-        full = jnp.minimum(full, st.s // bk)
-    if st.has_seg:
-        full = jnp.int32(0)
-    return jnp.minimum(full, hi), hi
+    return tiles.key_blocks(q_start, bq, bk=bk, n_k=sp // bk, causal=st.causal, offset=st.offset,
+                            full_cap=st.s // bk if st.ragged else None, has_seg=st.has_seg)
 
 
 def _q_block(st: _Static, n_q: int):
