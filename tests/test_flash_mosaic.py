@@ -1,9 +1,9 @@
 """The Mosaic GPU flash-attention forward (kernels/flash_attention/mosaic_gpu.py) against the float32 reference.
 
-On a GPU (`-m gpu`): forward and gradients through `pallas_gpu.flash_attention(forward_kernel="mosaic")` (the
-backward is the portable kernel, reading the Mosaic forward's log-sum-exp), bf16/fp16 inputs, relative error
-< 2e-2 (fixed in advance, as for the portable kernel's bf16 tests). On the CPU: the kernel lowers for CUDA (its
-trace and Pallas-to-Mosaic lowering), and bad settings give one-line errors.
+On a GPU (`-m gpu`): forward and gradients through `pallas_gpu.flash_attention(forward_kernel="mosaic",
+backward_kernel="triton")` (the portable backward reading the Mosaic forward's log-sum-exp), bf16/fp16 inputs,
+relative error < 2e-2 (fixed in advance, as for the portable kernel's bf16 tests). On the CPU: the kernel
+lowers for CUDA (its trace and Pallas-to-Mosaic lowering), and bad settings give one-line errors.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.kernels.flash_attention import mosaic_gpu, pallas_gpu, reference
+from jaxllm.kernels.flash_attention import hopper, mosaic_gpu, pallas_gpu, reference
 
 TOL = 2e-2
 
@@ -81,7 +81,7 @@ def test_mosaic_forward_and_gradients_match_reference_on_gpu(b, t, s, h, kh, d, 
         return (out, *pullback(do.astype(out.dtype)))
 
     ours = jax.jit(lambda q, k, v: grads(lambda q, k, v: pallas_gpu.flash_attention(
-        q, k, v, segment_ids=seg, causal=causal, forward_kernel="mosaic"), q, k, v))(q, k, v)
+        q, k, v, segment_ids=seg, causal=causal, forward_kernel="mosaic", backward_kernel="triton"), q, k, v))(q, k, v)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = jax.jit(lambda q, k, v: grads(lambda q, k, v: reference.attention(
         q, k, v, segment_ids=seg, causal=causal), q, k, v))(*up)
@@ -93,8 +93,8 @@ def test_mosaic_forward_and_gradients_match_reference_on_gpu(b, t, s, h, kh, d, 
 def test_auto_picks_the_mosaic_forward_only_where_it_runs(monkeypatch):
     """The decision logic on a pretend Hopper device: shapes it takes, and one-line reasons for the rest."""
     assert "not a Hopper GPU" in pallas_gpu.mosaic_forward_reason((1, 128, 2, 64), (1, 128, 2, 64), jnp.bfloat16, True)
-    hopper = types.SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200")
-    monkeypatch.setattr(jax, "devices", lambda *a: [hopper])
+    fake = types.SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200")
+    monkeypatch.setattr(jax, "devices", lambda *a: [fake])
     reason = functools.partial(pallas_gpu.mosaic_forward_reason, causal=True)
     assert reason((2, 100, 4, 128), (2, 100, 2, 128), jnp.bfloat16) is None  # padded to 128 queries and keys
     assert reason((2, 1000, 4, 64), (2, 1000, 2, 64), jnp.float16) is None  # 1024 keys: 128-key blocks
@@ -102,6 +102,6 @@ def test_auto_picks_the_mosaic_forward_only_where_it_runs(monkeypatch):
     assert "head dim 256" in reason((1, 128, 2, 256), (1, 128, 2, 256), jnp.bfloat16)
     assert "dtype float32" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.float32)
     assert reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16, interpret=True).startswith("interpret mode")
-    monkeypatch.setattr(pallas_gpu, "_cuda_runtime", lambda: 12080)
+    monkeypatch.setattr(hopper, "cuda_runtime", lambda: 12080)
     assert "miscompiles" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16)
     assert pallas_gpu.mosaic_forward_reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16, False) is None

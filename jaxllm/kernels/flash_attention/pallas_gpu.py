@@ -2,7 +2,8 @@
 
 Runs through Pallas' Triton lowering on a GPU and with `interpret=True` anywhere (the CPU tests). On a Hopper
 GPU the forward runs as the Mosaic GPU kernel of `mosaic_gpu.py` where it takes the shape (same outputs,
-including the log-sum-exp the backward reads); `forward_kernel` picks one explicitly.
+including the log-sum-exp the backward reads), and the backward as the one-pass kernel of
+`mosaic_gpu_backward.py`; `forward_kernel` / `backward_kernel` pick one explicitly.
 Layout stays [B, T, H, D] (no transposes). Causal masking skips whole blocks above the diagonal and
 masks only the blocks that cross it; segment ids (0 = padding) mask packed documents; GQA reads the
 shared KV head through the index map (q head h -> kv head h // G), K/V are never repeated. Lengths that
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxllm.kernels.flash_attention import mosaic_gpu, tiles
+from jaxllm.kernels.flash_attention import hopper, mosaic_gpu, mosaic_gpu_backward, tiles
 from jaxllm.kernels.launch import triton_params
 
 LOG2E = math.log2(math.e)
@@ -79,6 +80,7 @@ class _Static:
     blocks: Blocks
     interpret: bool
     mosaic: bool = False  # the forward runs as mosaic_gpu.forward
+    mosaic_bwd: bool = False  # the backward runs as mosaic_gpu_backward.backward
 
     @property
     def offset(self) -> int:  # query t sees keys <= t + offset (queries aligned to the end of the keys)
@@ -307,7 +309,11 @@ def _dq_kernel(*refs, st: _Static):
 
 
 def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
-    """Padded inputs -> (dq [B, Tp, H, D], dk, dv [B, Sp, K, D]); two kernels, no atomics."""
+    """Padded inputs -> (dq [B, Tp, H, D], dk, dv [B, Sp, K, D]): the Mosaic GPU kernel where st says so, else
+    two portable kernels (no atomics: bitwise reproducible)."""
+    if st.mosaic_bwd:
+        return mosaic_gpu_backward.backward(q, k, v, o, lse, do, q_seg, kv_seg, causal=st.causal, scale=st.scale,
+                                            offset=st.offset, s_real=st.s if st.ragged else None)
     b, tp, h, d = q.shape
     sp, kh = k.shape[1], k.shape[2]
     bq, bk, g = st.blocks.bwd_q, st.blocks.bwd_k, st.group
@@ -383,32 +389,51 @@ def mosaic_settings(sp: int) -> mosaic_gpu.Settings:
     return mosaic_gpu.Settings(128, 2) if sp % 128 == 0 else mosaic_gpu.Settings(64, 4)
 
 
-def _cuda_runtime() -> int | None:
-    try:
-        from jax._src.lib import cuda_versions  # noqa: PLC0415 (absent on CPU-only installs)
-
-        return int(cuda_versions.cuda_runtime_get_version())
-    except Exception:  # noqa: BLE001 (no CUDA plugin: the caller treats None as unknown)
-        return None
-
-
 def mosaic_forward_reason(q_shape: tuple, k_shape: tuple, dtype, causal: bool, blocks: Blocks | None = None,
                           interpret: bool = False) -> str | None:
     """Why the forward can't run as the Mosaic GPU kernel for q [B, T, H, D], k [B, S, K, D] (None when it can)."""
-    if interpret:
-        return "interpret mode (the Mosaic GPU kernel runs on Hopper GPUs only)"
-    device = jax.devices()[0]
-    if device.platform != "gpu" or not str(getattr(device, "compute_capability", "")).startswith("9."):
-        return f"{device.device_kind} is not a Hopper GPU (compute capability 9.x; wgmma)"
-    runtime = _cuda_runtime()
-    if causal and runtime is not None and 12080 <= runtime < 12091:
-        return f"CUDA runtime {runtime}: ptxas 12.8-12.9.0 miscompiles the causal mask (upgrade to >= 12.9.1)"
+    reason = hopper.unavailable_reason(causal, interpret)
+    if reason is not None:
+        return reason
     d = q_shape[-1]
     tp, sp = _padded(q_shape[1], k_shape[1], blocks or default_blocks(d, jnp.dtype(dtype).itemsize))
     return mosaic_gpu.unsupported_reason(dtype, d, tp, sp, mosaic_settings(sp))
 
 
-FORWARD_KERNELS = ("auto", "mosaic", "triton")
+def mosaic_backward_reason(q_shape: tuple, k_shape: tuple, dtype, causal: bool, has_seg: bool = False,
+                           blocks: Blocks | None = None, interpret: bool = False) -> str | None:
+    """Why `auto` doesn't run the backward as the Mosaic GPU kernel (None when it does). Its dQ is a float32 sum
+    in an order that varies run to run, so it is refused when XLA was asked for deterministic ops. has_seg:
+    with segment ids it masks every block and ran slower than the portable kernels (H200, docs/benchmarks.md),
+    so `auto` passes them to the portable backward (backward_kernel="mosaic" still takes them)."""
+    reason = hopper.unavailable_reason(causal, interpret)
+    if reason is not None:
+        return reason
+    if hopper.deterministic_requested():
+        return "--xla_gpu_deterministic_ops is set (the Mosaic backward's dQ sum order varies run to run)"
+    d = q_shape[-1]
+    tp, sp = _padded(q_shape[1], k_shape[1], blocks or default_blocks(d, jnp.dtype(dtype).itemsize))
+    reason = mosaic_gpu_backward.unsupported_reason(dtype, d, tp, sp)
+    if reason is None and has_seg:
+        return "segment ids (the Mosaic backward masks every block then; the portable one is faster there)"
+    return reason
+
+
+def _choose(kind: str, which: str, why_not) -> bool:
+    """Whether the Mosaic kernel runs for forward_kernel / backward_kernel = kind; why_not() gives the reason it
+    can't (None when it can)."""
+    if kind not in KERNELS:
+        raise ValueError(f"flash_attention: {which}={kind!r}; choose one of {KERNELS}")
+    if kind == "triton":
+        return False
+    reason = why_not()
+    if kind == "mosaic" and reason is not None:
+        raise ValueError(f"flash_attention: {which}='mosaic' can't run here: {reason}; pass {which}='auto' or "
+                         "'triton'")
+    return reason is None
+
+
+KERNELS = ("auto", "mosaic", "triton")
 
 
 def flash_attention(
@@ -423,6 +448,7 @@ def flash_attention(
     blocks: Blocks | None = None,
     interpret: bool | None = None,
     forward_kernel: str = "auto",
+    backward_kernel: str = "auto",
 ) -> jax.Array:
     """Flash attention with the reference's contract.
 
@@ -430,15 +456,16 @@ def flash_attention(
     kv_segment_ids: [B, S] (defaults to segment_ids). Returns [B, T, H, D] in q's dtype. `interpret`
     defaults to True off GPU (the CPU tests); blocks default to `default_blocks(D)`. forward_kernel: "mosaic"
     (the Hopper kernel of mosaic_gpu.py; an error where `mosaic_forward_reason` says it can't run), "triton"
-    (the portable kernel here) or "auto" (mosaic where it runs, else triton). The backward is the portable one.
+    (the portable kernel here) or "auto" (mosaic where it runs, else triton). backward_kernel likewise, with
+    `mosaic_backward_reason` (mosaic_gpu_backward.py: one pass, dQ summed by float32 reduce-adds whose order
+    varies, so "auto" takes the portable, bitwise-reproducible backward under --xla_gpu_deterministic_ops, and
+    also for segment ids, where the portable one is faster).
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
     if h % kh or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"flash_attention: bad shapes q {q.shape}, k {k.shape}, v {v.shape} "
                          "(want q [B,T,H,D], k = v [B,S,K,D] with H a multiple of K)")
-    if forward_kernel not in FORWARD_KERNELS:
-        raise ValueError(f"flash_attention: forward_kernel={forward_kernel!r}; choose one of {FORWARD_KERNELS}")
     if kv_segment_ids is None and segment_ids is not None:
         if s != t:
             raise ValueError(f"flash_attention: T={t} != S={s}; pass kv_segment_ids [B, S] too")
@@ -446,17 +473,14 @@ def flash_attention(
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     blocks = blocks or default_blocks(d, jnp.dtype(q.dtype).itemsize)
     tp, sp = _padded(t, s, blocks)
-    mosaic = False
-    if forward_kernel != "triton":
-        reason = mosaic_forward_reason(q.shape, k.shape, q.dtype, causal, blocks, bool(interpret))
-        if reason is not None and forward_kernel == "mosaic":
-            raise ValueError(f"flash_attention: forward_kernel='mosaic' can't run here: {reason}; "
-                             "pass forward_kernel='auto' or 'triton'")
-        mosaic = reason is None
     has_seg = segment_ids is not None
+    mosaic = _choose(forward_kernel, "forward_kernel", lambda: mosaic_forward_reason(
+        q.shape, k.shape, q.dtype, causal, blocks, bool(interpret)))
+    mosaic_bwd = _choose(backward_kernel, "backward_kernel", lambda: mosaic_backward_reason(
+        q.shape, k.shape, q.dtype, causal, has_seg and backward_kernel == "auto", blocks, bool(interpret)))
     st = _Static(t=t, s=s, tp=tp, sp=sp, causal=causal, has_seg=has_seg,
                  scale=float(d**-0.5 if scale is None else scale), group=h // kh, blocks=blocks,
-                 interpret=bool(interpret), mosaic=mosaic)
+                 interpret=bool(interpret), mosaic=mosaic, mosaic_bwd=mosaic_bwd)
     pad_t = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     pad_s = ((0, 0), (0, sp - s), (0, 0), (0, 0))
     q, k, v = jnp.pad(q, pad_t), jnp.pad(k, pad_s), jnp.pad(v, pad_s)  # no-ops when aligned

@@ -1,0 +1,106 @@
+"""The one-pass Mosaic GPU flash-attention backward (kernels/flash_attention/mosaic_gpu_backward.py).
+
+On a GPU (`-m gpu`): forward and gradients through `pallas_gpu.flash_attention(backward_kernel="mosaic")`
+against the float32 reference, relative error < 2e-2 (fixed in advance, as for the other bf16 kernel tests).
+On the CPU: the kernel lowers for CUDA (trace and Pallas-to-Mosaic lowering; compiling needs a GPU), `auto`'s
+choice on a pretend Hopper device, and one-line errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.kernels.flash_attention import mosaic_gpu_backward, pallas_gpu, reference
+
+TOL = 2e-2
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+@pytest.mark.parametrize("t,s,causal,s_real,with_seg", [(256, 256, True, None, False), (128, 384, False, 300, False),
+                                                        (256, 256, True, None, True)])
+def test_backward_lowers_for_cuda_on_the_cpu(t, s, causal, s_real, with_seg):
+    """Causal with GQA; not causal with fewer queries than keys and padded keys; segment ids."""
+    q = jax.ShapeDtypeStruct((1, t, 4, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, s, 2, 128), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((1, 4, t), jnp.float32)
+    segs = (jax.ShapeDtypeStruct((1, t), jnp.int32), jax.ShapeDtypeStruct((1, s), jnp.int32)) if with_seg else ()
+    fn = functools.partial(mosaic_gpu_backward.backward, causal=causal, scale=0.1, offset=s - t, s_real=s_real)
+    text = jax.jit(fn).trace(q, k, k, q, lse, q, *segs).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_auto_picks_the_mosaic_backward_only_where_it_runs(monkeypatch):
+    """The decision logic on a pretend Hopper device: shapes it takes, one-line reasons for the rest."""
+    fake = types.SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200")
+    monkeypatch.setattr(jax, "devices", lambda *a: [fake])
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    reason = functools.partial(pallas_gpu.mosaic_backward_reason, causal=True)
+    assert reason((2, 100, 4, 128), (2, 100, 2, 128), jnp.bfloat16) is None  # padded to 128 queries and keys
+    assert reason((2, 1000, 4, 128), (2, 1000, 1, 128), jnp.float16) is None
+    assert "960 keys is not a multiple of 128" in reason((1, 960, 2, 128), (1, 960, 2, 128), jnp.bfloat16)
+    assert "head dim 64" in reason((1, 128, 2, 64), (1, 128, 2, 64), jnp.bfloat16)
+    assert "dtype float32" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.float32)
+    assert "segment ids" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16, has_seg=True)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+    assert "deterministic" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16)
+
+
+def test_bad_choices_give_one_line_errors():
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="backward_kernel='mosaic' can't run here: interpret mode"):
+        pallas_gpu.flash_attention(q, q, q, interpret=True, backward_kernel="mosaic")
+    with pytest.raises(ValueError, match="backward_kernel='cuda'; choose one of"):
+        pallas_gpu.flash_attention(q, q, q, interpret=True, backward_kernel="cuda")
+    lse = jnp.zeros((1, 2, 128), jnp.float32)
+    with pytest.raises(ValueError, match="can't take .*head dim 64"):
+        mosaic_gpu_backward.backward(q, q, q, q, lse, q, causal=True, scale=1.0, offset=0)
+
+
+GPU_CASES = [  # b, t, s, h, kh, causal, dtype, with_segments (head dim 128)
+    (2, 384, 384, 4, 2, True, jnp.bfloat16, True),  # GQA 2, packed documents with a padding tail
+    (2, 512, 512, 4, 4, False, jnp.float16, True),  # not causal, packed documents
+    (2, 384, 384, 4, 2, True, jnp.bfloat16, False),  # GQA 2
+    (1, 1000, 1000, 8, 1, True, jnp.bfloat16, False),  # GQA 8, ragged length (padded keys masked)
+    (2, 256, 256, 4, 4, False, jnp.float16, False),  # not causal, fp16
+    (1, 256, 512, 4, 2, True, jnp.bfloat16, False),  # fewer queries than keys (aligned to the end)
+    (1, 2048, 2048, 2, 2, True, jnp.bfloat16, False),  # many query blocks per CTA (the ring wraps), kt-last grid
+    (1, 4096, 4096, 2, 1, True, jnp.bfloat16, True),  # the kt-first grid (more than 2048 keys), documents
+    (4, 128, 128, 4, 2, True, jnp.bfloat16, False),  # one key block, two query blocks
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,s,h,kh,causal,dtype,with_seg", GPU_CASES)
+def test_mosaic_backward_matches_reference_on_gpu(b, t, s, h, kh, causal, dtype, with_seg):
+    if pallas_gpu.mosaic_backward_reason((b, t, h, 128), (b, s, kh, 128), dtype, causal) is not None:
+        pytest.skip("needs a Hopper GPU")
+    ks = jax.random.split(jax.random.PRNGKey(t + s), 4)
+    q = jax.random.normal(ks[0], (b, t, h, 128), dtype)
+    k, v = (jax.random.normal(kk, (b, s, kh, 128), dtype) for kk in ks[1:3])
+    do = jax.random.normal(ks[3], (b, t, h, 128), dtype)
+    seg = None
+    if with_seg:  # three documents per row (uneven lengths), then 17 padding tokens
+        seg = jnp.broadcast_to((jnp.arange(t) * 3 // t + 1).astype(jnp.int32), (b, t)).at[:, -17:].set(0)
+
+    def grads(fn, q, k, v):
+        out, pullback = jax.vjp(fn, q, k, v)
+        return (out, *pullback(do.astype(out.dtype)))
+
+    ours = jax.jit(lambda q, k, v: grads(lambda q, k, v: pallas_gpu.flash_attention(
+        q, k, v, segment_ids=seg, causal=causal, backward_kernel="mosaic"), q, k, v))(q, k, v)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = jax.jit(lambda q, k, v: grads(lambda q, k, v: reference.attention(
+        q, k, v, segment_ids=seg, causal=causal), q, k, v))(*up)
+    errs = [_rel(a.astype(jnp.float32), r) for a, r in zip(ours, ref)]
+    assert not any(bool(jnp.isnan(a.astype(jnp.float32)).any()) for a in ours)
+    assert max(errs) < TOL, errs
