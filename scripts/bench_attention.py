@@ -6,7 +6,8 @@
 Checks every kernel against the float32 reference first (forward and gradients, with segment ids, GQA and
 ragged lengths), then times forward and forward+backward (warm-up 2, median of --iters calls) for
 bf16, 16 heads, 16k tokens per batch, causal and not: ours as `auto` runs it (`pallas`: the Mosaic GPU forward
-on Hopper), ours with the portable Triton forward forced (`triton`), cuDNN and XLA. FLOPs: forward 4*B*H*S^2*D (halved when causal),
+and backward on Hopper), ours with the portable Triton kernels forced (`triton`), cuDNN and XLA. FLOPs:
+forward 4*B*H*S^2*D (halved when causal),
 forward+backward 3.5x forward. Prints one table; writes JSON lines. Also reports the compiled temp memory
 of forward+backward at the longest S (O(S) check).
 """
@@ -30,12 +31,14 @@ HEADS = 16
 
 def impls(blocks=None):
     """name -> attention(q, k, v, causal, segment_ids) in the [B, T, H, D] layout. "pallas" is ours as `auto`
-    runs it (the Mosaic GPU forward on Hopper where it takes the shape); "triton" forces the portable forward."""
+    runs it (the Mosaic GPU forward and backward on Hopper where they take the shape); "triton" forces the
+    portable kernels."""
     return {
         "pallas": lambda q, k, v, c, seg=None: pallas_gpu.flash_attention(q, k, v, causal=c, segment_ids=seg,
                                                                          blocks=blocks),
         "triton": lambda q, k, v, c, seg=None: pallas_gpu.flash_attention(q, k, v, causal=c, segment_ids=seg,
-                                                                         blocks=blocks, forward_kernel="triton"),
+                                                                         blocks=blocks, forward_kernel="triton",
+                                                                         backward_kernel="triton"),
         "cudnn": lambda q, k, v, c, seg=None: jax.nn.dot_product_attention(q, k, v, is_causal=c,
                                                                             implementation="cudnn"),
         "xla": lambda q, k, v, c, seg=None: reference.attention(q, k, v, causal=c, segment_ids=seg),
