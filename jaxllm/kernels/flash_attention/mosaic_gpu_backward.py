@@ -35,6 +35,7 @@ LOG2E = math.log2(math.e)
 ROWS = 64  # key rows per compute warpgroup, and query rows per block (wgmma's M)
 WGS = 2  # compute warpgroups per CTA; one more loads
 KEYS = WGS * ROWS  # key rows per CTA
+GROUP = 16  # (batch row, KV head) pairs per group of the CTA order (_coordinates)
 SLOTS = 2  # query blocks in flight (H200 sweep: 3 slots were slower)
 HEAD_DIMS = (128,)  # each warpgroup takes one 64-column half of dQ
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -222,11 +223,24 @@ def _load(c: _Ctx):
         fetch(n, slot)
 
 
+def _coordinates(batch: int, kv_heads: int, n_kt: int):
+    """(batch row, KV head, key tile) of this CTA on the 1-D grid. Heads go in groups of up to GROUP; within a
+    group, key tile by key tile (the heaviest causal tiles, the first keys, start first), so the causal tail
+    is short while a group's q, dO and dQ stay in L2 (H200: +4% / +3% / +0% at S 2k / 4k / 8k over a
+    head-major order)."""
+    heads = batch * kv_heads
+    size = max(g for g in range(1, min(GROUP, heads) + 1) if heads % g == 0)
+    cta = lax.axis_index("cta")
+    group, r = lax.div(cta, n_kt * size), lax.rem(cta, n_kt * size)
+    unit = group * size + lax.rem(r, size)
+    return lax.div(unit, kv_heads), lax.rem(unit, kv_heads), lax.div(r, size)
+
+
 def _kernel(*refs, scratch, scale, causal, offset, s_real, group, has_seg):
     smem, bars = scratch
     n_q = refs[0].shape[1] // ROWS
     refs = (*refs[:7], *refs[-2:], *(refs[7:9] if has_seg else (None, None)))  # inputs, then dk, dv
-    b, kh, kt = lax.axis_index("b"), lax.axis_index("kh"), lax.axis_index("kt")
+    b, kh, kt = _coordinates(refs[0].shape[0], refs[1].shape[2], refs[1].shape[1] // KEYS)
     k0 = kt * KEYS
     lo, lo_full = jnp.int32(0), jnp.int32(0)
     if causal:
@@ -275,13 +289,9 @@ def backward(q, k, v, o, lse, do, q_seg=None, kv_seg=None, *, causal: bool, scal
     def entry(*refs):
         pl.run_scoped(lambda *scratch: kernel(*refs, scratch=scratch), smem, bars, collective_axes="wg")
 
-    # Up to 2k keys the heaviest (first) key blocks of every head go first, which shortens the causal tail;
-    # longer sequences keep each head's key blocks together, for L2 reuse of its q and dO (H200 sweep).
-    kt_last = sp <= 2048
-    grid, names = ((kh, b, sp // KEYS), ("kh", "b", "kt")) if kt_last else ((sp // KEYS, kh, b), ("kt", "kh", "b"))
     dk, dv = plgpu.kernel(
         entry, out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=grid, grid_names=names, num_threads=WGS + 1, thread_name="wg",
+        grid=(b * kh * (sp // KEYS),), grid_names=("cta",), num_threads=WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), kernel_name="jaxllm_flash_bwd_mosaic",
     )(q, k, v, do, lse, delta, dq_acc, *((q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)) if has_seg else ()))
     return (dq_acc[...] * scale).astype(q.dtype), dk, dv
