@@ -76,12 +76,19 @@ def test_mosaic_forward_and_gradients_match_reference_on_gpu(b, t, s, h, kh, d, 
     if with_seg:
         seg = jnp.broadcast_to((jnp.arange(t) * 3 // t + 1).astype(jnp.int32), (b, t)).at[:, -17:].set(0)
 
+    assert_matches_reference(q, k, v, do, seg, causal, forward_kernel="mosaic", backward_kernel="triton")
+
+
+def assert_matches_reference(q, k, v, do, seg, causal, **kernels):
+    """Output and gradients of pallas_gpu.flash_attention(..., **kernels) vs the float32 reference on upcast
+    inputs: relative error < TOL, no NaN."""
+
     def grads(fn, q, k, v):
         out, pullback = jax.vjp(fn, q, k, v)
         return (out, *pullback(do.astype(out.dtype)))
 
     ours = jax.jit(lambda q, k, v: grads(lambda q, k, v: pallas_gpu.flash_attention(
-        q, k, v, segment_ids=seg, causal=causal, forward_kernel="mosaic", backward_kernel="triton"), q, k, v))(q, k, v)
+        q, k, v, segment_ids=seg, causal=causal, **kernels), q, k, v))(q, k, v)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = jax.jit(lambda q, k, v: grads(lambda q, k, v: reference.attention(
         q, k, v, segment_ids=seg, causal=causal), q, k, v))(*up)

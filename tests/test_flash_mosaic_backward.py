@@ -1,7 +1,8 @@
 """The one-pass Mosaic GPU flash-attention backward (kernels/flash_attention/mosaic_gpu_backward.py).
 
 On a GPU (`-m gpu`): forward and gradients through `pallas_gpu.flash_attention(backward_kernel="mosaic")`
-against the float32 reference, relative error < 2e-2 (fixed in advance, as for the other bf16 kernel tests).
+against the float32 reference (tests/test_flash_mosaic.assert_matches_reference: relative error < 2e-2, fixed in
+advance, as for the other bf16 kernel tests).
 On the CPU: the kernel lowers for CUDA (trace and Pallas-to-Mosaic lowering; compiling needs a GPU), `auto`'s
 choice on a pretend Hopper device, and one-line errors.
 """
@@ -13,17 +14,10 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from jaxllm.kernels.flash_attention import mosaic_gpu_backward, pallas_gpu, reference
-
-TOL = 2e-2
-
-
-def _rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+from jaxllm.kernels.flash_attention import mosaic_gpu_backward, pallas_gpu
+from tests.test_flash_mosaic import assert_matches_reference
 
 
 @pytest.mark.parametrize("t,s,causal,s_real,with_seg", [(256, 256, True, None, False), (128, 384, False, 300, False),
@@ -73,8 +67,8 @@ GPU_CASES = [  # b, t, s, h, kh, causal, dtype, with_segments (head dim 128)
     (1, 1000, 1000, 8, 1, True, jnp.bfloat16, False),  # GQA 8, ragged length (padded keys masked)
     (2, 256, 256, 4, 4, False, jnp.float16, False),  # not causal, fp16
     (1, 256, 512, 4, 2, True, jnp.bfloat16, False),  # fewer queries than keys (aligned to the end)
-    (1, 2048, 2048, 2, 2, True, jnp.bfloat16, False),  # many query blocks per CTA (the ring wraps), kt-last grid
-    (1, 4096, 4096, 2, 1, True, jnp.bfloat16, True),  # the kt-first grid (more than 2048 keys), documents
+    (1, 2048, 2048, 2, 2, True, jnp.bfloat16, False),  # many query blocks per CTA (the slot ring wraps)
+    (1, 4096, 4096, 2, 1, True, jnp.bfloat16, True),  # 32 key tiles, packed documents
     (4, 128, 128, 4, 2, True, jnp.bfloat16, False),  # one key block, two query blocks
 ]
 
@@ -92,15 +86,4 @@ def test_mosaic_backward_matches_reference_on_gpu(b, t, s, h, kh, causal, dtype,
     if with_seg:  # three documents per row (uneven lengths), then 17 padding tokens
         seg = jnp.broadcast_to((jnp.arange(t) * 3 // t + 1).astype(jnp.int32), (b, t)).at[:, -17:].set(0)
 
-    def grads(fn, q, k, v):
-        out, pullback = jax.vjp(fn, q, k, v)
-        return (out, *pullback(do.astype(out.dtype)))
-
-    ours = jax.jit(lambda q, k, v: grads(lambda q, k, v: pallas_gpu.flash_attention(
-        q, k, v, segment_ids=seg, causal=causal, backward_kernel="mosaic"), q, k, v))(q, k, v)
-    up = [x.astype(jnp.float32) for x in (q, k, v)]
-    ref = jax.jit(lambda q, k, v: grads(lambda q, k, v: reference.attention(
-        q, k, v, segment_ids=seg, causal=causal), q, k, v))(*up)
-    errs = [_rel(a.astype(jnp.float32), r) for a, r in zip(ours, ref)]
-    assert not any(bool(jnp.isnan(a.astype(jnp.float32)).any()) for a in ours)
-    assert max(errs) < TOL, errs
+    assert_matches_reference(q, k, v, do, seg, causal, backward_kernel="mosaic")
