@@ -59,8 +59,9 @@ def unsupported_reason(dtype, head_dim: int, tp: int, sp: int, settings: Setting
     return None
 
 
-def _transforms(dtype) -> tuple:
-    """Shared-memory layout of a [rows, D] tile for wgmma: 8 x (128-byte row) tiles, 128-byte swizzle."""
+def smem_transforms(dtype) -> tuple:
+    """Shared-memory layout of a [rows, D] tile for wgmma and TMA (both Mosaic kernels): 8 x (128-byte row)
+    tiles, 128-byte swizzle."""
     return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
 
 
@@ -259,7 +260,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None, k
         raise ValueError(f"mosaic_gpu.forward can't take q {q.shape}, k {k.shape}: {reason}")
     has_seg = q_seg is not None
     bk, slots = settings.block_k, settings.slots
-    tr = _transforms(q.dtype)
+    tr = smem_transforms(q.dtype)
     smem = (plgpu.SMEM((WGS, ROWS, d), q.dtype, transforms=tr),
             plgpu.SMEM((slots, bk, d), q.dtype, transforms=tr),
             plgpu.SMEM((slots, bk, d), q.dtype, transforms=tr),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +30,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-LOG2E = math.log2(math.e)
+from jaxllm.kernels.flash_attention import mosaic_gpu
+from jaxllm.kernels.flash_attention.mosaic_gpu import DTYPES, LOG2E
+
 ROWS = 64  # key rows per compute warpgroup, and query rows per block (wgmma's M)
 WGS = 2  # compute warpgroups per CTA; one more loads
 KEYS = WGS * ROWS  # key rows per CTA
 GROUP = 16  # (batch row, KV head) pairs per group of the CTA order (_coordinates)
 SLOTS = 2  # query blocks in flight (H200 sweep: 3 slots were slower)
 HEAD_DIMS = (128,)  # each warpgroup takes one 64-column half of dQ
-DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def unsupported_reason(dtype, head_dim: int, tp: int, sp: int) -> str | None:
@@ -52,11 +52,6 @@ def unsupported_reason(dtype, head_dim: int, tp: int, sp: int) -> str | None:
     if sp % KEYS:
         return f"{sp} keys is not a multiple of {KEYS}"
     return None
-
-
-def _transforms(dtype) -> tuple:
-    """Shared-memory layout for wgmma and TMA: 8 x (128-byte row) tiles, 128-byte swizzle."""
-    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +265,7 @@ def backward(q, k, v, o, lse, do, q_seg=None, kv_seg=None, *, causal: bool, scal
         raise ValueError(f"mosaic_gpu_backward: can't take q {q.shape}, k {k.shape}: {reason}")
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # [B, H, Tp]
     dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-    tile, tile32 = _transforms(q.dtype), _transforms(jnp.float32)
+    tile, tile32 = mosaic_gpu.smem_transforms(q.dtype), mosaic_gpu.smem_transforms(jnp.float32)
     smem = (plgpu.SMEM((KEYS, d), q.dtype, transforms=tile), plgpu.SMEM((KEYS, d), q.dtype, transforms=tile),
             plgpu.SMEM((SLOTS, ROWS, d), q.dtype, transforms=tile),
             plgpu.SMEM((SLOTS, ROWS, d), q.dtype, transforms=tile),
