@@ -10,10 +10,12 @@ choice on a pretend Hopper device, and one-line errors.
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxllm.kernels.flash_attention import mosaic_gpu_backward, pallas_gpu
@@ -44,7 +46,6 @@ def test_auto_picks_the_mosaic_backward_only_where_it_runs(monkeypatch):
     assert "960 keys is not a multiple of 128" in reason((1, 960, 2, 128), (1, 960, 2, 128), jnp.bfloat16)
     assert "head dim 64" in reason((1, 128, 2, 64), (1, 128, 2, 64), jnp.bfloat16)
     assert "dtype float32" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.float32)
-    assert "segment ids" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16, has_seg=True)
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
     assert "deterministic" in reason((1, 128, 2, 128), (1, 128, 2, 128), jnp.bfloat16)
 
@@ -58,6 +59,41 @@ def test_bad_choices_give_one_line_errors():
     lse = jnp.zeros((1, 2, 128), jnp.float32)
     with pytest.raises(ValueError, match="can't take .*head dim 64"):
         mosaic_gpu_backward.backward(q, q, q, q, lse, q, causal=True, scale=1.0, offset=0)
+
+
+def _segment_layouts(rng, b: int, tp: int, sp: int):
+    """Packed documents (increasing ids, a padding tail), one document, random ids with padding."""
+
+    def docs(n):
+        ids = np.ones(n, np.int32)
+        for cut in rng.choice(np.arange(1, n), size=rng.integers(0, 5), replace=False):
+            ids[cut:] += 1
+        ids[n - rng.integers(0, 40):] = 0
+        return ids
+
+    yield np.stack([docs(tp) for _ in range(b)]), np.stack([docs(sp) for _ in range(b)])
+    yield np.ones((b, tp), np.int32), np.ones((b, sp), np.int32)
+    yield rng.integers(0, 4, (b, tp)).astype(np.int32), rng.integers(0, 4, (b, sp)).astype(np.int32)
+
+
+def test_segment_ranges_cover_every_shared_document():
+    """Against a brute-force check of every (key tile, query block): a pair with an allowed entry lies in
+    [first, stop); a pair in [u_lo, u_hi) is one document throughout, so it needs no segment mask; one document
+    everywhere visits all query blocks unmasked."""
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        b, n_q, n_kt = 2, int(rng.integers(2, 10)), int(rng.integers(1, 5))
+        for qs, ks in _segment_layouts(rng, b, n_q * 64, n_kt * 128):
+            r = np.asarray(mosaic_gpu_backward.segment_ranges(jnp.asarray(qs), jnp.asarray(ks)))
+            for bi, kt, i in itertools.product(range(b), range(n_kt), range(n_q)):
+                qq, kk = qs[bi, i * 64:(i + 1) * 64], ks[bi, kt * 128:(kt + 1) * 128]
+                first, stop, u_lo, u_hi = r[bi, kt]
+                if ((qq[:, None] == kk[None, :]) & (qq[:, None] != 0)).any():
+                    assert first <= i < stop, (bi, kt, i, r[bi, kt])
+                if u_lo <= i < u_hi:
+                    assert (qq[:, None] == kk[None, :]).all() and (qq != 0).all(), (bi, kt, i, r[bi, kt])
+            if (qs == 1).all() and (ks == 1).all():
+                assert (r == np.array([0, n_q, 0, n_q])).all()
 
 
 GPU_CASES = [  # b, t, s, h, kh, causal, dtype, with_segments (head dim 128)

@@ -194,7 +194,7 @@ def _pallas(q, k, v, segment_ids, kv_segment_ids, causal):
         reason = pallas_gpu.mosaic_forward_reason(q.shape, k.shape, q.dtype, causal)
         if reason is not None:
             _say_once(f"attention: the flash forward runs as the portable Triton kernel, not Mosaic GPU: {reason}")
-        reason = pallas_gpu.mosaic_backward_reason(q.shape, k.shape, q.dtype, causal, segment_ids is not None)
+        reason = pallas_gpu.mosaic_backward_reason(q.shape, k.shape, q.dtype, causal)
         if reason is not None:
             _say_once(f"attention: gradients, where taken, run the portable Triton backward, not Mosaic GPU: {reason}")
     return pallas_gpu.flash_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,

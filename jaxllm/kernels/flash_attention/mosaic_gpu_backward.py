@@ -13,7 +13,9 @@ Each warpgroup computes one half of dQ's columns over all 128 keys, so a CTA add
 per query block into a float32 dQ in HBM, by TMA reduce-add. That sum's order depends on CTA timing: dQ is
 not bitwise reproducible run to run (pallas_gpu picks the two-kernel Triton backward when determinism is asked
 for). Causal CTAs skip the query blocks that see none of their keys and mask only the blocks crossing the
-diagonal; with segment ids (packed documents, 0 = padding) every block is masked.
+diagonal. With segment ids (packed documents, 0 = padding) a CTA visits only the query blocks that may share a
+document with its keys, and masks none where one document fills both the query block and the key tile
+(`segment_ranges`, computed by XLA before the kernel).
 
 Inputs follow pallas_gpu's conventions: padded q, dO [B, Tp, H, D], k, v [B, Sp, K, D], and the forward's
 base-2 log-sum-exp [B, H, Tp] (+inf for a row with no allowed key, whose probabilities are then 0).
@@ -67,9 +69,10 @@ class _Ctx:
     b: jax.Array
     kh: jax.Array
     k0: jax.Array  # the CTA's first key row
-    lo: jax.Array  # first query block that sees a key of the CTA
-    lo_full: jax.Array  # first query block that sees all of them (no mask needed)
-    n_q: int
+    start: jax.Array  # the CTA's query blocks are [start, end); those in [p0, p1) need no mask
+    end: jax.Array
+    p0: jax.Array
+    p1: jax.Array
     refs: tuple  # q, k, v, do, lse, delta, dq (float32 accumulator), dk, dv, q_seg, kv_seg (or None, None)
     smem: tuple  # k [KEYS, D], v, q [SLOTS, ROWS, D], do, lse [SLOTS, ROWS], delta, ds [2, KEYS, ROWS],
     # dq [WGS, ROWS, D/2], q_seg [SLOTS, ROWS], kv_seg [KEYS] (segment buffers None without segment ids)
@@ -95,7 +98,6 @@ def _allowed(c: _Ctx, wg, i, slot, shape):
         query = i * ROWS + c.offset + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
         allowed = both(allowed, key <= query)
     if c.has_seg:
-        plgpu.barrier_wait(c.bars[8].at[slot])
         qs = plgpu.load(c.smem[8].at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         ks = plgpu.load(_rows(c.smem[9], wg), layout=plgpu.Layout.WGMMA.reduce(1))
         qs = lax.broadcast_in_dim(qs, shape, [1])
@@ -107,23 +109,25 @@ def _probs(c: _Ctx, wg, i, slot, masked: bool):
     """P^T and dS^T [ROWS keys, ROWS queries] float32 of query block i (its q, dO in `slot`)."""
     k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = c.smem[:6]
     _, q_ready, do_ready, lse_ready, delta_ready = c.bars[:5]
-    for bar in (q_ready, do_ready, lse_ready):
+    # Every step waits on every barrier of its slot, also those it does not read (the segment ids of a step
+    # without a mask): a barrier's wait tracks its phase, so a skipped wait would desynchronise the ring.
+    for bar in (q_ready, do_ready, lse_ready, *((c.bars[8],) if c.has_seg else ())):
         plgpu.barrier_wait(bar.at[slot])
 
-    def scores(refs):
-        s_ref, dp_ref = refs
+    def scores(s_ref, dp_ref):  # P^T is computed while dP^T is still being multiplied
         plgpu.wgmma(s_ref, _rows(k_smem, wg), q_smem.at[slot].transpose((1, 0)))
         plgpu.wgmma(dp_ref, _rows(v_smem, wg), do_smem.at[slot].transpose((1, 0)))
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+        lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        p = jnp.exp2(s * (c.scale * LOG2E) - lax.broadcast_in_dim(lse, s.shape, [1]))
+        if masked:
+            p = jnp.where(_allowed(c, wg, i, slot, s.shape), p, 0.0)
+        plgpu.barrier_wait(delta_ready.at[slot])
+        delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=0)
+        return p, p * (dp - lax.broadcast_in_dim(delta, dp.shape, [1]))
 
-    zeros = plgpu.layout_cast(jnp.zeros((ROWS, ROWS), jnp.float32), plgpu.Layout.WGMMA)
-    s, dp = pl.run_state(scores)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
-    lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-    p = jnp.exp2(s * (c.scale * LOG2E) - lax.broadcast_in_dim(lse, s.shape, [1]))
-    if masked:
-        p = jnp.where(_allowed(c, wg, i, slot, s.shape), p, 0.0)
-    plgpu.barrier_wait(delta_ready.at[slot])
-    delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-    return p, p * (dp - lax.broadcast_in_dim(delta, dp.shape, [1]))
+    return pl.run_scoped(scores, plgpu.ACC((ROWS, ROWS), jnp.float32), plgpu.ACC((ROWS, ROWS), jnp.float32))
 
 
 def _step(c: _Ctx, wg, g, i, carry, masked: bool):
@@ -131,7 +135,7 @@ def _step(c: _Ctx, wg, g, i, carry, masked: bool):
     dk, dv = carry
     k_smem, q_smem, do_smem, ds_smem, dq_smem = (c.smem[j] for j in (0, 2, 3, 6, 7))
     free, ds_ready = c.bars[5], c.bars[6]
-    n = g * (c.n_q - c.lo) + (i - c.lo)  # the step count, which picks the slot and the dS buffer
+    n = g * (c.end - c.start) + (i - c.start)  # the step count, which picks the slot and the dS buffer
     slot, buf = lax.rem(n, jnp.int32(SLOTS)), lax.rem(n, jnp.int32(2))
     p, ds = _probs(c, wg, i, slot, masked)
     p, ds = p.astype(q_smem.dtype), ds.astype(q_smem.dtype)
@@ -140,22 +144,23 @@ def _step(c: _Ctx, wg, g, i, carry, masked: bool):
     plgpu.barrier_arrive(ds_ready.at[buf])
     half = q_smem.shape[-1] // 2
 
-    def grads(refs):
+    def grads(refs):  # dQ's share goes out while dK is still being multiplied
         dv_ref, dk_ref, dq_ref = refs
         plgpu.wgmma(dv_ref, p, do_smem.at[slot])
-        plgpu.wgmma(dk_ref, ds, q_smem.at[slot])
         plgpu.barrier_wait(ds_ready.at[buf])  # the other warpgroup's dS^T is in shared memory
         plgpu.wgmma(dq_ref, ds_smem.at[buf].transpose((1, 0)), k_smem.at[:, pl.ds(wg * half, half)])
+        plgpu.wgmma(dk_ref, ds, q_smem.at[slot])
+        dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=1)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's reduce-add has read dq_smem
+        dq_smem.at[wg][...] = dq
+        plgpu.commit_smem()
+        head = c.kh * c.group + g
+        plgpu.copy_smem_to_gmem(dq_smem.at[wg], c.refs[6].at[c.b, pl.ds(i * ROWS, ROWS), head,
+                                                             pl.ds(wg * half, half)], reduction_op="add")
 
     zeros = plgpu.layout_cast(jnp.zeros((ROWS, half), jnp.float32), plgpu.Layout.WGMMA)
-    dv, dk, dq = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros)))
+    dv, dk, _ = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros)))
     plgpu.barrier_arrive(free.at[slot])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's reduce-add has read dq_smem
-    dq_smem.at[wg][...] = dq
-    plgpu.commit_smem()
-    head = c.kh * c.group + g
-    plgpu.copy_smem_to_gmem(dq_smem.at[wg], c.refs[6].at[c.b, pl.ds(i * ROWS, ROWS), head, pl.ds(wg * half, half)],
-                            reduction_op="add")
     return dk, dv
 
 
@@ -175,8 +180,9 @@ def _compute(c: _Ctx, wg):
     zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_smem.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
     carry = (zeros, zeros)
     for g in range(c.group):
-        carry = lax.fori_loop(c.lo, c.lo_full, lambda i, cr, g=g: _step(c, wg, g, i, cr, True), carry)
-        carry = lax.fori_loop(c.lo_full, c.n_q, lambda i, cr, g=g: _step(c, wg, g, i, cr, False), carry)
+        carry = lax.fori_loop(c.start, c.p0, lambda i, cr, g=g: _step(c, wg, g, i, cr, True), carry)
+        carry = lax.fori_loop(c.p0, c.p1, lambda i, cr, g=g: _step(c, wg, g, i, cr, False), carry)
+        carry = lax.fori_loop(c.p1, c.end, lambda i, cr, g=g: _step(c, wg, g, i, cr, True), carry)
     dk, dv = carry
     plgpu.wait_smem_to_gmem(0)
     plgpu.barrier_arrive(c.bars[7])  # both warpgroups are done reading K (dQ) before it is overwritten
@@ -195,11 +201,11 @@ def _load(c: _Ctx):
     q_ref, do_ref, lse_ref, delta_ref = (c.refs[i] for i in (0, 3, 4, 5))
     q_smem, do_smem, lse_smem, delta_smem = c.smem[2:6]
     _, q_ready, do_ready, lse_ready, delta_ready, free = c.bars[:6]
-    per_head = c.n_q - c.lo
+    per_head = c.end - c.start
 
     def fetch(n, slot):
         head = c.kh * c.group + lax.div(n, per_head)
-        rows = pl.ds((c.lo + lax.rem(n, per_head)) * ROWS, ROWS)
+        rows = pl.ds((c.start + lax.rem(n, per_head)) * ROWS, ROWS)
         plgpu.copy_gmem_to_smem(q_ref.at[c.b, rows, head], q_smem.at[slot], q_ready.at[slot])
         plgpu.copy_gmem_to_smem(lse_ref.at[c.b, head, rows], lse_smem.at[slot], lse_ready.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[c.b, rows, head], do_smem.at[slot], do_ready.at[slot])
@@ -234,6 +240,7 @@ def _coordinates(batch: int, kv_heads: int, n_kt: int):
 def _kernel(*refs, scratch, scale, causal, offset, s_real, group, has_seg):
     smem, bars = scratch
     n_q = refs[0].shape[1] // ROWS
+    ranges = refs[9] if has_seg else None
     refs = (*refs[:7], *refs[-2:], *(refs[7:9] if has_seg else (None, None)))  # inputs, then dk, dv
     b, kh, kt = _coordinates(refs[0].shape[0], refs[1].shape[2], refs[1].shape[1] // KEYS)
     k0 = kt * KEYS
@@ -243,13 +250,46 @@ def _kernel(*refs, scratch, scale, causal, offset, s_real, group, has_seg):
         lo_full = jnp.clip(lax.div(jnp.maximum(k0 + KEYS - 1 - offset, 0) + ROWS - 1, ROWS), lo, n_q)
     if s_real is not None:
         lo_full = jnp.where(k0 + KEYS > s_real, n_q, lo_full)
-    if has_seg:
-        lo_full = jnp.int32(n_q)  # any block may hold a document boundary
+    start, end, p0, p1 = lo, jnp.int32(n_q), lo_full, jnp.int32(n_q)
+    if has_seg:  # only the query blocks that share a document with the CTA's keys; no segment mask where one
+        # document fills both the query block and the key tile (segment_ranges)
+        first, stop, u_lo, u_hi = (ranges[b, kt, j] for j in range(4))
+        start = jnp.maximum(lo, first)
+        end = jnp.maximum(start, stop)
+        p0 = jnp.clip(jnp.maximum(lo_full, u_lo), start, end)
+        p1 = jnp.clip(u_hi, p0, end)
     c = _Ctx(scale=scale, causal=causal, offset=offset, s_real=s_real, has_seg=has_seg, group=group, b=b, kh=kh,
-             k0=k0, lo=lo, lo_full=lo_full, n_q=n_q, refs=refs, smem=smem, bars=bars)
+             k0=k0, start=start, end=end, p0=p0, p1=p1, refs=refs, smem=smem, bars=bars)
     wg = lax.axis_index("wg")
     pl.when(wg < WGS)(lambda: _compute(c, wg))
     pl.when(wg == WGS)(lambda: _load(c))
+
+
+def segment_ranges(q_seg: jax.Array, kv_seg: jax.Array) -> jax.Array:
+    """int32 [B, Sp / KEYS, 4] per key tile: query blocks [first, stop) may share a document with its keys (the
+    others have no allowed entry and are skipped: their segment-id ranges don't meet), and in [u_lo, u_hi) one
+    document (nonzero id) fills both the query block and the key tile (no segment mask needed there).
+    q_seg [B, Tp], kv_seg [B, Sp] int (0 = padding)."""
+    b = q_seg.shape[0]
+    qs, ks = q_seg.reshape(b, -1, ROWS), kv_seg.reshape(b, -1, KEYS)
+    big = jnp.iinfo(jnp.int32).max
+
+    def bounds(x):  # (min, max over nonzero ids; min, max over all)
+        nz_min = jnp.min(jnp.where(x == 0, big, x), axis=-1)
+        nz_max = jnp.max(x, axis=-1)  # ids are >= 0
+        return nz_min, nz_max, jnp.min(x, axis=-1), nz_max
+
+    q_nmin, q_nmax, q_min, q_max = (a[:, None, :] for a in bounds(qs))  # [B, 1, n_q]
+    k_nmin, k_nmax, k_min, k_max = (a[:, :, None] for a in bounds(ks))  # [B, n_kt, 1]
+    meet = (q_nmin <= k_nmax) & (k_nmin <= q_nmax) & (q_nmax > 0) & (k_nmax > 0)  # [B, n_kt, n_q]
+    one = (q_min == q_max) & (k_min == k_max) & (q_min == k_min) & (q_min != 0)
+    n_q = qs.shape[1]
+    idx = jnp.arange(n_q, dtype=jnp.int32)
+    first = jnp.min(jnp.where(meet, idx, n_q), axis=-1)
+    stop = jnp.max(jnp.where(meet, idx + 1, 0), axis=-1)
+    u_lo = jnp.min(jnp.where(one, idx, n_q), axis=-1)
+    u_hi = jnp.min(jnp.where(~one & (idx >= u_lo[..., None]), idx, n_q), axis=-1)  # the run from u_lo
+    return jnp.stack([first, stop, u_lo, u_hi], axis=-1).astype(jnp.int32)
 
 
 def backward(q, k, v, o, lse, do, q_seg=None, kv_seg=None, *, causal: bool, scale: float, offset: int,
@@ -288,5 +328,6 @@ def backward(q, k, v, o, lse, do, q_seg=None, kv_seg=None, *, causal: bool, scal
         entry, out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(b * kh * (sp // KEYS),), grid_names=("cta",), num_threads=WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), kernel_name="jaxllm_flash_bwd_mosaic",
-    )(q, k, v, do, lse, delta, dq_acc, *((q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)) if has_seg else ()))
+    )(q, k, v, do, lse, delta, dq_acc, *((q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32),
+                                          segment_ranges(q_seg, kv_seg)) if has_seg else ()))
     return (dq_acc[...] * scale).astype(q.dtype), dk, dv

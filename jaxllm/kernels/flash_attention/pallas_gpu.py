@@ -400,12 +400,10 @@ def mosaic_forward_reason(q_shape: tuple, k_shape: tuple, dtype, causal: bool, b
     return mosaic_gpu.unsupported_reason(dtype, d, tp, sp, mosaic_settings(sp))
 
 
-def mosaic_backward_reason(q_shape: tuple, k_shape: tuple, dtype, causal: bool, has_seg: bool = False,
-                           blocks: Blocks | None = None, interpret: bool = False) -> str | None:
+def mosaic_backward_reason(q_shape: tuple, k_shape: tuple, dtype, causal: bool, blocks: Blocks | None = None,
+                           interpret: bool = False) -> str | None:
     """Why `auto` doesn't run the backward as the Mosaic GPU kernel (None when it does). Its dQ is a float32 sum
-    in an order that varies run to run, so it is refused when XLA was asked for deterministic ops. has_seg:
-    with segment ids it masks every block and ran slower than the portable kernels (H200, docs/benchmarks.md),
-    so `auto` passes them to the portable backward (backward_kernel="mosaic" still takes them)."""
+    in an order that varies run to run, so it is refused when XLA was asked for deterministic ops."""
     reason = hopper.unavailable_reason(causal, interpret)
     if reason is not None:
         return reason
@@ -413,10 +411,7 @@ def mosaic_backward_reason(q_shape: tuple, k_shape: tuple, dtype, causal: bool, 
         return "--xla_gpu_deterministic_ops is set (the Mosaic backward's dQ sum order varies run to run)"
     d = q_shape[-1]
     tp, sp = _padded(q_shape[1], k_shape[1], blocks or default_blocks(d, jnp.dtype(dtype).itemsize))
-    reason = mosaic_gpu_backward.unsupported_reason(dtype, d, tp, sp)
-    if reason is None and has_seg:
-        return "segment ids (the Mosaic backward masks every block then; the portable one is faster there)"
-    return reason
+    return mosaic_gpu_backward.unsupported_reason(dtype, d, tp, sp)
 
 
 def _choose(kind: str, which: str, why_not) -> bool:
@@ -458,8 +453,7 @@ def flash_attention(
     (the Hopper kernel of mosaic_gpu.py; an error where `mosaic_forward_reason` says it can't run), "triton"
     (the portable kernel here) or "auto" (mosaic where it runs, else triton). backward_kernel likewise, with
     `mosaic_backward_reason` (mosaic_gpu_backward.py: one pass, dQ summed by float32 reduce-adds whose order
-    varies, so "auto" takes the portable, bitwise-reproducible backward under --xla_gpu_deterministic_ops, and
-    also for segment ids, where the portable one is faster).
+    varies, so "auto" takes the portable, bitwise-reproducible backward under --xla_gpu_deterministic_ops).
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -477,7 +471,7 @@ def flash_attention(
     mosaic = _choose(forward_kernel, "forward_kernel", lambda: mosaic_forward_reason(
         q.shape, k.shape, q.dtype, causal, blocks, bool(interpret)))
     mosaic_bwd = _choose(backward_kernel, "backward_kernel", lambda: mosaic_backward_reason(
-        q.shape, k.shape, q.dtype, causal, has_seg and backward_kernel == "auto", blocks, bool(interpret)))
+        q.shape, k.shape, q.dtype, causal, blocks, bool(interpret)))
     st = _Static(t=t, s=s, tp=tp, sp=sp, causal=causal, has_seg=has_seg,
                  scale=float(d**-0.5 if scale is None else scale), group=h // kh, blocks=blocks,
                  interpret=bool(interpret), mosaic=mosaic, mosaic_bwd=mosaic_bwd)
