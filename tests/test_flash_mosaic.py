@@ -27,7 +27,8 @@ def _rel(x, ref):
 
 
 @pytest.mark.parametrize("t,causal,with_seg,s_real", [(256, True, False, None), (256, True, True, None),
-                                                      (256, False, False, 200), (128, True, True, None)])
+                                                      (256, False, False, 200), (128, True, True, None),
+                                                      (384, False, True, None)])
 def test_kernel_lowers_for_cuda_on_the_cpu(t, causal, with_seg, s_real):
     """Tracing and the Pallas -> Mosaic GPU lowering run without a GPU (compilation to PTX needs one); t = 128
     is one key block, fewer than the ring's slots (a generation prefill of 128 tokens)."""
@@ -60,6 +61,8 @@ GPU_CASES = [  # b, t, s, h, kh, d, causal, with_segments, dtype
     (1, 256, 512, 4, 2, 128, True, False, jnp.bfloat16),  # fewer queries than keys (aligned to the end)
     (1, 2048, 2048, 2, 2, 128, True, False, jnp.bfloat16),  # many key blocks per CTA (the slot ring wraps)
     (4, 128, 128, 4, 2, 128, True, True, jnp.bfloat16),  # one key block (as in a generation prefill), a padding tail
+    (1, 2048, 2048, 2, 2, 128, False, True, jnp.bfloat16),  # not causal, packed: runs of skipped key blocks
+    (2, 1024, 1024, 4, 2, 64, True, True, jnp.float16),  # packed documents, head dim 64, fp16
 ]
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.kernels.flash_attention import mosaic_gpu_backward, pallas_gpu
+from jaxllm.kernels.flash_attention import mosaic_gpu_backward, pallas_gpu, tiles
 from tests.test_flash_mosaic import assert_matches_reference
 
 
@@ -76,24 +76,25 @@ def _segment_layouts(rng, b: int, tp: int, sp: int):
     yield rng.integers(0, 4, (b, tp)).astype(np.int32), rng.integers(0, 4, (b, sp)).astype(np.int32)
 
 
-def test_segment_ranges_cover_every_shared_document():
-    """Against a brute-force check of every (key tile, query block): a pair with an allowed entry lies in
-    [first, stop); a pair in [u_lo, u_hi) is one document throughout, so it needs no segment mask; one document
-    everywhere visits all query blocks unmasked."""
-    rng = np.random.default_rng(0)
-    for _ in range(8):
-        b, n_q, n_kt = 2, int(rng.integers(2, 10)), int(rng.integers(1, 5))
-        for qs, ks in _segment_layouts(rng, b, n_q * 64, n_kt * 128):
-            r = np.asarray(mosaic_gpu_backward.segment_ranges(jnp.asarray(qs), jnp.asarray(ks)))
-            for bi, kt, i in itertools.product(range(b), range(n_kt), range(n_q)):
-                qq, kk = qs[bi, i * 64:(i + 1) * 64], ks[bi, kt * 128:(kt + 1) * 128]
-                first, stop, u_lo, u_hi = r[bi, kt]
-                if ((qq[:, None] == kk[None, :]) & (qq[:, None] != 0)).any():
-                    assert first <= i < stop, (bi, kt, i, r[bi, kt])
-                if u_lo <= i < u_hi:
-                    assert (qq[:, None] == kk[None, :]).all() and (qq != 0).all(), (bi, kt, i, r[bi, kt])
-            if (qs == 1).all() and (ks == 1).all():
-                assert (r == np.array([0, n_q, 0, n_q])).all()
+@pytest.mark.parametrize("a_rows,b_rows", [(128, 64), (64, 128), (64, 64)])  # backward, forward, 64-key forward
+def test_segment_ranges_cover_every_shared_document(a_rows, b_rows):
+    """tiles.segment_ranges against a brute-force check of every (a block, b block) pair: a pair with an allowed
+    entry lies in [first, stop); a pair in [u_lo, u_hi) is one document throughout, so it needs no segment mask;
+    one document everywhere visits every block unmasked."""
+    rng = np.random.default_rng(a_rows + b_rows)
+    for _ in range(6):
+        b, n_a, n_b = 2, int(rng.integers(1, 6)), int(rng.integers(1, 8))
+        for a_seg, b_seg in _segment_layouts(rng, b, n_a * a_rows, n_b * b_rows):
+            r = np.asarray(tiles.segment_ranges(jnp.asarray(a_seg), a_rows, jnp.asarray(b_seg), b_rows))
+            for bi, i, j in itertools.product(range(b), range(n_a), range(n_b)):
+                aa, bb = a_seg[bi, i * a_rows:(i + 1) * a_rows], b_seg[bi, j * b_rows:(j + 1) * b_rows]
+                first, stop, u_lo, u_hi = r[bi, i]
+                if ((aa[:, None] == bb[None, :]) & (aa[:, None] != 0)).any():
+                    assert first <= j < stop, (bi, i, j, r[bi, i])
+                if u_lo <= j < u_hi:
+                    assert (aa[:, None] == bb[None, :]).all() and (aa != 0).all(), (bi, i, j, r[bi, i])
+            if (a_seg == 1).all() and (b_seg == 1).all():
+                assert (r == np.array([0, n_b, 0, n_b])).all()
 
 
 GPU_CASES = [  # b, t, s, h, kh, causal, dtype, with_segments (head dim 128)

@@ -7,8 +7,10 @@ warpgroup streams that head's key and value blocks through a ring of shared-memo
 read once per CTA, never repeated for GQA). Each slot has a "ready" barrier (the copy landed) and a "free"
 barrier (both compute warpgroups are done with it). Causal attention skips the key blocks above the diagonal
 (the loader stops at the last block that warpgroup 1, holding the later rows, needs; warpgroup 0 hands back the
-slots of the blocks it does not see) and masks only the blocks that cross it. Segment ids (0 = padding) mask packed documents. The output
-contract is `pallas_gpu._forward`'s: o [B, Tp, H, D] and the base-2 log-sum-exp [B, H, Tp] float32 (+inf for a
+slots of the blocks it does not see) and masks only the blocks that cross it. Segment ids (0 = padding) mask
+packed documents: a CTA streams only the key blocks that may share a document with its rows
+(`tiles.segment_ranges`), and a key block that one document fills, with a warpgroup's 64 query rows, needs no
+segment mask. The output contract is `pallas_gpu._forward`'s: o [B, Tp, H, D] and the base-2 log-sum-exp [B, H, Tp] float32 (+inf for a
 row with no allowed key, whose output is 0), so `pallas_gpu`'s backward kernels run on it unchanged.
 
 GPU only (Mosaic GPU's CPU interpret mode does not run multi-warpgroup kernels in jax 0.11): tested against the
@@ -101,18 +103,38 @@ class _Cta:
     h: jax.Array  # query head
     kh: jax.Array  # its KV head
     tile: jax.Array  # query tile (WGS * ROWS rows)
-    loads: jax.Array  # key blocks the loader streams (those the tile's last warpgroup needs)
-    refs: tuple  # q, k, v, q_seg, kv_seg, o, lse (segment refs None without segment ids)
+    start: jax.Array | int  # the first key block the loader streams (0 without segment ids)
+    loads: jax.Array  # the loader streams key blocks [start, loads): those some warpgroup needs
+    refs: tuple  # q, k, v, q_seg, kv_seg, o, lse, ranges (segment refs None without segment ids)
     smem: tuple  # q/o [WGS, ROWS, D], k, v [slots, bk, D], lse [WGS, ROWS], q_seg [WGS, ROWS], kv_seg [slots, bk]
     ready: tuple  # barriers: q, k, v, q_seg, kv_seg landed
     free: tuple  # barriers: k, v slot released by both compute warpgroups
     turn: object  # two-arrival barrier pacing the compute warpgroups (pingpong)
 
     def ranges(self, q0):
+        """(unmasked, total) key blocks of the causal / ragged mask for the warpgroup at query row q0."""
         bk = self.settings.block_k
         return tiles.key_blocks(q0, ROWS, bk=bk, n_k=self.refs[1].shape[1] // bk, causal=self.causal,
-                                offset=self.offset, full_cap=None if self.s_real is None else self.s_real // bk,
-                                has_seg=self.has_seg)
+                                offset=self.offset, full_cap=None if self.s_real is None else self.s_real // bk)
+
+    def segments(self, q0):
+        """(first, stop, u_lo, u_hi) of `tiles.segment_ranges` for the warpgroup at query row q0."""
+        return tuple(self.refs[7][self.b, lax.div(q0, jnp.int32(ROWS)), j] for j in range(4))
+
+    def plan(self, q0):
+        """(p0, p1, end) for the warpgroup at query row q0: it steps through key blocks [start, end), with no
+        mask in [p0, p1), and hands back the slots of [end, loads)."""
+        full, hi = self.ranges(q0)
+        if not self.has_seg:
+            return 0, full, hi
+        _, stop, u_lo, u_hi = self.segments(q0)
+        end = jnp.maximum(self.start, jnp.minimum(hi, stop))
+        p0 = jnp.clip(u_lo, self.start, end)
+        return p0, jnp.clip(jnp.minimum(u_hi, full), p0, end), end
+
+    def slot(self, j):
+        """The ring slot of key block j: the loader streams [start, loads) in order."""
+        return lax.rem(j - self.start if self.has_seg else j, jnp.int32(self.settings.slots))
 
     def meet(self):
         """Both compute warpgroups reach this point."""
@@ -124,7 +146,7 @@ def _step(c: _Cta, wg, q0, qs, j, carry, masked: bool):
     """One key block of the online softmax for warpgroup wg's 64 rows from q0: carry (acc [ROWS, D], m, l)."""
     acc, m, l = carry
     q_smem, k_smem, v_smem = c.smem[:3]
-    slot = lax.rem(j, jnp.int32(c.settings.slots))
+    slot = c.slot(j)
     plgpu.barrier_wait(c.ready[1].at[slot])
 
     def scores(acc_ref):
@@ -135,9 +157,9 @@ def _step(c: _Cta, wg, q0, qs, j, carry, masked: bool):
 
     s = pl.run_scoped(scores, plgpu.ACC((ROWS, c.settings.block_k), jnp.float32)) * (c.scale * LOG2E)
     plgpu.barrier_arrive(c.free[0].at[slot])
+    if c.has_seg:  # also unmasked: every wait tracks its barrier's phase, a skipped one would desynchronise it
+        plgpu.barrier_wait(c.ready[4].at[slot])
     if masked:
-        if c.has_seg:
-            plgpu.barrier_wait(c.ready[4].at[slot])
         s = _mask(s, q0, j * c.settings.block_k, qs, c.smem[5].at[slot] if c.has_seg else None, causal=c.causal,
                   offset=c.offset, s_real=c.s_real)
     m_new = jnp.maximum(m, s.max(axis=1))
@@ -176,19 +198,25 @@ def _compute(c: _Cta, wg) -> None:
         plgpu.barrier_wait(c.ready[3].at[wg])
         qs = plgpu.load(qs_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
     plgpu.barrier_wait(c.ready[0].at[wg])
-    full, hi = c.ranges(q0)
+    p0, p1, end = c.plan(q0)
     row_vec = plgpu.Layout.WGMMA.reduce(1)
     init = (plgpu.layout_cast(jnp.zeros((ROWS, q_smem.shape[-1]), jnp.float32), plgpu.Layout.WGMMA),
             plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row_vec),
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_vec))
     if c.settings.pingpong:  # warpgroup 1 starts half a step behind: it multiplies while 0 runs its softmax
         pl.when(wg == 1)(c.meet)
-    carry = lax.fori_loop(0, full, functools.partial(_step, c, wg, q0, qs, masked=False), init)
-    acc, m, l = lax.fori_loop(full, hi, functools.partial(_step, c, wg, q0, qs, masked=True), carry)
+    step = functools.partial(_step, c, wg, q0, qs)
+    carry = lax.fori_loop(c.start, p0, functools.partial(step, masked=True), init) if c.has_seg else init
+    carry = lax.fori_loop(p0, p1, functools.partial(step, masked=False), carry)
+    acc, m, l = lax.fori_loop(p1, end, functools.partial(step, masked=True), carry)
 
-    @pl.loop(hi, c.loads)
+    @pl.loop(end, c.loads)
     def _skip(j):  # blocks only the other warpgroup needs: hand their slots back, keep the pacing in step
-        slot = lax.rem(j, jnp.int32(c.settings.slots))
+        slot = c.slot(j)
+        if c.has_seg:  # the block lands before its slot goes back: a run of skips can outgrow the ring, and
+            # without pingpong nothing else would keep this warpgroup from arriving twice in one phase
+            for bar in (c.ready[1], c.ready[2], c.ready[4]):
+                plgpu.barrier_wait(bar.at[slot])
         plgpu.barrier_arrive(c.free[0].at[slot])
         plgpu.barrier_arrive(c.free[1].at[slot])
         if c.settings.pingpong:
@@ -222,26 +250,38 @@ def _load(c: _Cta) -> None:
             plgpu.copy_gmem_to_smem(ks_ref.at[c.b, cols], c.smem[5].at[slot], c.ready[4].at[slot])
 
     for i in range(min(slots, k_ref.shape[1] // bk)):  # fill the ring (no more slots than the keys have blocks)
-        pl.when(i < c.loads)(functools.partial(fetch, i, i))
+        pl.when(c.start + i < c.loads)(functools.partial(fetch, c.start + i, i))
 
-    @pl.loop(slots, c.loads)
+    @pl.loop(c.start + slots, c.loads)
     def _refill(j):
-        slot = lax.rem(j, jnp.int32(slots))
+        slot = c.slot(j)
         plgpu.barrier_wait(c.free[0].at[slot])
         plgpu.barrier_wait(c.free[1].at[slot])
         fetch(j, slot)
 
 
+def _schedule(c: _Cta) -> _Cta:
+    """c with the key blocks the loader streams, [start, loads): every block some warpgroup steps through. Each
+    warpgroup steps from the CTA's start (blocks before its own first are masked out whole) to its own end."""
+    q0 = c.tile * (WGS * ROWS)
+    if not c.has_seg:  # the tile's last warpgroup needs the most
+        return dataclasses.replace(c, loads=c.ranges(q0 + (WGS - 1) * ROWS)[1])
+    q0s = [q0 + w * ROWS for w in range(WGS)]
+    c = dataclasses.replace(c, start=functools.reduce(jnp.minimum, [c.segments(q)[0] for q in q0s]))
+    return dataclasses.replace(c, loads=functools.reduce(jnp.maximum, [c.plan(q)[2] for q in q0s]))
+
+
 def _kernel(q_ref, k_ref, v_ref, *refs, group: int, **static):
     """One CTA: grid (head, query tile, batch); warpgroups 0 and 1 compute, 2 loads K/V (and key segment ids)."""
     *io, (smem, ready, free, turn) = refs
-    qs_ref, ks_ref, o_ref, lse_ref = io if static["has_seg"] else (None, None, *io)
+    qs_ref, ks_ref, ranges, o_ref, lse_ref = io if static["has_seg"] else (None, None, None, *io)
     h = lax.axis_index("h")
     n_tiles = q_ref.shape[1] // (WGS * ROWS)
     tile = (n_tiles - 1 - lax.axis_index("q")) if static["causal"] else lax.axis_index("q")  # heavy tiles first
-    c = _Cta(**static, b=lax.axis_index("b"), h=h, kh=lax.div(h, jnp.int32(group)), tile=tile, loads=jnp.int32(0),
-             refs=(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref), smem=smem, ready=ready, free=free, turn=turn)
-    c = dataclasses.replace(c, loads=c.ranges(tile * (WGS * ROWS) + (WGS - 1) * ROWS)[1])
+    c = _Cta(**static, b=lax.axis_index("b"), h=h, kh=lax.div(h, jnp.int32(group)), tile=tile, start=0,
+             loads=jnp.int32(0), refs=(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, ranges), smem=smem,
+             ready=ready, free=free, turn=turn)
+    c = _schedule(c)
     wg = lax.axis_index("wg")
     pl.when(wg < WGS)(lambda: _compute(c, wg))
     pl.when(wg == WGS)(lambda: _load(c))
@@ -278,7 +318,10 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None, k
     def entry(*refs):
         pl.run_scoped(lambda *scratch: kernel(*refs, scratch), smem, ready, free, turn, collective_axes="wg")
 
-    segs = (q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)) if has_seg else ()
+    segs = ()
+    if has_seg:
+        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+        segs = (q_seg, kv_seg, tiles.segment_ranges(q_seg, ROWS, kv_seg, bk))
     return plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),

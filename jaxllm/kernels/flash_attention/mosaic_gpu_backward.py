@@ -15,7 +15,7 @@ not bitwise reproducible run to run (pallas_gpu picks the two-kernel Triton back
 for). Causal CTAs skip the query blocks that see none of their keys and mask only the blocks crossing the
 diagonal. With segment ids (packed documents, 0 = padding) a CTA visits only the query blocks that may share a
 document with its keys, and masks none where one document fills both the query block and the key tile
-(`segment_ranges`, computed by XLA before the kernel).
+(`tiles.segment_ranges`, computed by XLA before the kernel).
 
 Inputs follow pallas_gpu's conventions: padded q, dO [B, Tp, H, D], k, v [B, Sp, K, D], and the forward's
 base-2 log-sum-exp [B, H, Tp] (+inf for a row with no allowed key, whose probabilities are then 0).
@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxllm.kernels.flash_attention import mosaic_gpu
+from jaxllm.kernels.flash_attention import mosaic_gpu, tiles
 from jaxllm.kernels.flash_attention.mosaic_gpu import DTYPES, LOG2E
 
 ROWS = 64  # key rows per compute warpgroup, and query rows per block (wgmma's M)
@@ -252,7 +252,7 @@ def _kernel(*refs, scratch, scale, causal, offset, s_real, group, has_seg):
         lo_full = jnp.where(k0 + KEYS > s_real, n_q, lo_full)
     start, end, p0, p1 = lo, jnp.int32(n_q), lo_full, jnp.int32(n_q)
     if has_seg:  # only the query blocks that share a document with the CTA's keys; no segment mask where one
-        # document fills both the query block and the key tile (segment_ranges)
+        # document fills both the query block and the key tile (tiles.segment_ranges)
         first, stop, u_lo, u_hi = (ranges[b, kt, j] for j in range(4))
         start = jnp.maximum(lo, first)
         end = jnp.maximum(start, stop)
@@ -263,33 +263,6 @@ def _kernel(*refs, scratch, scale, causal, offset, s_real, group, has_seg):
     wg = lax.axis_index("wg")
     pl.when(wg < WGS)(lambda: _compute(c, wg))
     pl.when(wg == WGS)(lambda: _load(c))
-
-
-def segment_ranges(q_seg: jax.Array, kv_seg: jax.Array) -> jax.Array:
-    """int32 [B, Sp / KEYS, 4] per key tile: query blocks [first, stop) may share a document with its keys (the
-    others have no allowed entry and are skipped: their segment-id ranges don't meet), and in [u_lo, u_hi) one
-    document (nonzero id) fills both the query block and the key tile (no segment mask needed there).
-    q_seg [B, Tp], kv_seg [B, Sp] int (0 = padding)."""
-    b = q_seg.shape[0]
-    qs, ks = q_seg.reshape(b, -1, ROWS), kv_seg.reshape(b, -1, KEYS)
-    big = jnp.iinfo(jnp.int32).max
-
-    def bounds(x):  # (min, max over nonzero ids; min, max over all)
-        nz_min = jnp.min(jnp.where(x == 0, big, x), axis=-1)
-        nz_max = jnp.max(x, axis=-1)  # ids are >= 0
-        return nz_min, nz_max, jnp.min(x, axis=-1), nz_max
-
-    q_nmin, q_nmax, q_min, q_max = (a[:, None, :] for a in bounds(qs))  # [B, 1, n_q]
-    k_nmin, k_nmax, k_min, k_max = (a[:, :, None] for a in bounds(ks))  # [B, n_kt, 1]
-    meet = (q_nmin <= k_nmax) & (k_nmin <= q_nmax) & (q_nmax > 0) & (k_nmax > 0)  # [B, n_kt, n_q]
-    one = (q_min == q_max) & (k_min == k_max) & (q_min == k_min) & (q_min != 0)
-    n_q = qs.shape[1]
-    idx = jnp.arange(n_q, dtype=jnp.int32)
-    first = jnp.min(jnp.where(meet, idx, n_q), axis=-1)
-    stop = jnp.max(jnp.where(meet, idx + 1, 0), axis=-1)
-    u_lo = jnp.min(jnp.where(one, idx, n_q), axis=-1)
-    u_hi = jnp.min(jnp.where(~one & (idx >= u_lo[..., None]), idx, n_q), axis=-1)  # the run from u_lo
-    return jnp.stack([first, stop, u_lo, u_hi], axis=-1).astype(jnp.int32)
 
 
 def backward(q, k, v, o, lse, do, q_seg=None, kv_seg=None, *, causal: bool, scale: float, offset: int,
@@ -329,5 +302,5 @@ def backward(q, k, v, o, lse, do, q_seg=None, kv_seg=None, *, causal: bool, scal
         grid=(b * kh * (sp // KEYS),), grid_names=("cta",), num_threads=WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), kernel_name="jaxllm_flash_bwd_mosaic",
     )(q, k, v, do, lse, delta, dq_acc, *((q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32),
-                                          segment_ranges(q_seg, kv_seg)) if has_seg else ()))
+                                          tiles.segment_ranges(kv_seg, KEYS, q_seg, ROWS)) if has_seg else ()))
     return (dq_acc[...] * scale).astype(q.dtype), dk, dv

@@ -1,4 +1,5 @@
-"""Which key blocks a block of query rows visits: shared by the portable (Triton) and Mosaic GPU forwards."""
+"""Which key blocks a block of query rows visits: shared by the portable (Triton) and Mosaic GPU kernels; with
+segment ids, which blocks may share a document (`segment_ranges`)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,30 @@ def key_blocks(q_start, rows: int, *, bk: int, n_k: int, causal: bool, offset: i
     if has_seg:
         full = jnp.int32(0)
     return jnp.minimum(full, hi), hi
+
+
+def segment_ranges(a_seg, a_rows: int, b_seg, b_rows: int):
+    """int32 [B, n_a, 4] per block of a_rows entries of a_seg [B, Na] (int, 0 = padding), over the n_b blocks of
+    b_rows entries of b_seg [B, Nb]: b blocks [first, stop) may share a nonzero id with the a block (the others
+    can't: their ranges of nonzero ids don't meet; a conservative test), and in [u_lo, u_hi), the first run of
+    such blocks, one nonzero id fills both the a block and the b block. None: first = u_lo = u_hi = n_b, stop = 0.
+    The forward takes (q_seg, 64, kv_seg, block_k), the backward (kv_seg, 128, q_seg, 64)."""
+    n = a_seg.shape[0]
+    a, b = a_seg.reshape(n, -1, a_rows), b_seg.reshape(n, -1, b_rows)
+    big = jnp.iinfo(jnp.int32).max
+
+    def bounds(x):  # (min, max over nonzero ids; min, max over all)
+        nz_max = jnp.max(x, axis=-1)  # ids are >= 0
+        return jnp.min(jnp.where(x == 0, big, x), axis=-1), nz_max, jnp.min(x, axis=-1), nz_max
+
+    a_nmin, a_nmax, a_min, a_max = (x[:, :, None] for x in bounds(a))  # [B, n_a, 1]
+    b_nmin, b_nmax, b_min, b_max = (x[:, None, :] for x in bounds(b))  # [B, 1, n_b]
+    meet = (a_nmin <= b_nmax) & (b_nmin <= a_nmax) & (a_nmax > 0) & (b_nmax > 0)  # [B, n_a, n_b]
+    one = (a_min == a_max) & (b_min == b_max) & (a_min == b_min) & (a_min != 0)
+    n_b = b.shape[1]
+    idx = jnp.arange(n_b, dtype=jnp.int32)
+    first = jnp.min(jnp.where(meet, idx, n_b), axis=-1)
+    stop = jnp.max(jnp.where(meet, idx + 1, 0), axis=-1)
+    u_lo = jnp.min(jnp.where(one, idx, n_b), axis=-1)
+    u_hi = jnp.min(jnp.where(~one & (idx >= u_lo[..., None]), idx, n_b), axis=-1)  # the run from u_lo
+    return jnp.stack([first, stop, u_lo, u_hi], axis=-1).astype(jnp.int32)
