@@ -62,7 +62,7 @@ def test_bad_choices_give_one_line_errors():
 
 
 def _segment_layouts(rng, b: int, tp: int, sp: int):
-    """Packed documents (increasing ids, a padding tail), one document, random ids with padding."""
+    """Packed documents (increasing ids, a padding tail), one document, random ids (negative too) with padding."""
 
     def docs(n):
         ids = np.ones(n, np.int32)
@@ -73,7 +73,8 @@ def _segment_layouts(rng, b: int, tp: int, sp: int):
 
     yield np.stack([docs(tp) for _ in range(b)]), np.stack([docs(sp) for _ in range(b)])
     yield np.ones((b, tp), np.int32), np.ones((b, sp), np.int32)
-    yield rng.integers(0, 4, (b, tp)).astype(np.int32), rng.integers(0, 4, (b, sp)).astype(np.int32)
+    yield rng.integers(-2, 3, (b, tp)).astype(np.int32), rng.integers(-2, 3, (b, sp)).astype(np.int32)
+    yield np.full((b, tp), -1, np.int32), np.where(np.arange(sp) < sp // 2, -1, 0).astype(np.int32)[None].repeat(b, 0)
 
 
 @pytest.mark.parametrize("a_rows,b_rows", [(128, 64), (64, 128), (64, 64)])  # backward, forward, 64-key forward

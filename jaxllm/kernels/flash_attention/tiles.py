@@ -30,18 +30,21 @@ def segment_ranges(a_seg, a_rows: int, b_seg, b_rows: int):
     b_rows entries of b_seg [B, Nb]: b blocks [first, stop) may share a nonzero id with the a block (the others
     can't: their ranges of nonzero ids don't meet; a conservative test), and in [u_lo, u_hi), the first run of
     such blocks, one nonzero id fills both the a block and the b block. None: first = u_lo = u_hi = n_b, stop = 0.
-    The forward takes (q_seg, 64, kv_seg, block_k), the backward (kv_seg, 128, q_seg, 64)."""
+    The forward takes (q_seg, 64, kv_seg, block_k), the backward (kv_seg, 128, q_seg, 64). Ids may be any int32
+    (negative too). XLA temporaries hold [B, n_a, n_b] entries (S^2 / 8192 for the kernels' blocks: 2M per row
+    at 128k tokens)."""
     n = a_seg.shape[0]
-    a, b = a_seg.reshape(n, -1, a_rows), b_seg.reshape(n, -1, b_rows)
+    a, b = a_seg.astype(jnp.int32).reshape(n, -1, a_rows), b_seg.astype(jnp.int32).reshape(n, -1, b_rows)
     big = jnp.iinfo(jnp.int32).max
 
-    def bounds(x):  # (min, max over nonzero ids; min, max over all)
-        nz_max = jnp.max(x, axis=-1)  # ids are >= 0
-        return jnp.min(jnp.where(x == 0, big, x), axis=-1), nz_max, jnp.min(x, axis=-1), nz_max
+    def bounds(x):  # (min and max over nonzero ids, whether there is one; min, max over all)
+        nonzero = x != 0
+        return (jnp.min(jnp.where(nonzero, x, big), axis=-1), jnp.max(jnp.where(nonzero, x, -big), axis=-1),
+                jnp.any(nonzero, axis=-1), jnp.min(x, axis=-1), jnp.max(x, axis=-1))
 
-    a_nmin, a_nmax, a_min, a_max = (x[:, :, None] for x in bounds(a))  # [B, n_a, 1]
-    b_nmin, b_nmax, b_min, b_max = (x[:, None, :] for x in bounds(b))  # [B, 1, n_b]
-    meet = (a_nmin <= b_nmax) & (b_nmin <= a_nmax) & (a_nmax > 0) & (b_nmax > 0)  # [B, n_a, n_b]
+    a_nmin, a_nmax, a_any, a_min, a_max = (x[:, :, None] for x in bounds(a))  # [B, n_a, 1]
+    b_nmin, b_nmax, b_any, b_min, b_max = (x[:, None, :] for x in bounds(b))  # [B, 1, n_b]
+    meet = (a_nmin <= b_nmax) & (b_nmin <= a_nmax) & a_any & b_any  # [B, n_a, n_b]
     one = (a_min == a_max) & (b_min == b_max) & (a_min == b_min) & (a_min != 0)
     n_b = b.shape[1]
     idx = jnp.arange(n_b, dtype=jnp.int32)
