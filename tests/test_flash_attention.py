@@ -6,6 +6,8 @@ bf16 inputs 2e-2. Small blocks (8-32) so that every case spans several blocks an
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,8 @@ CASES = [  # b, t, s, h, kh, d, causal, with_segments
     (1, 24, 24, 4, 1, 128, False, True),  # GQA 4, d128, not causal, documents
     (2, 32, 32, 2, 2, 128, False, False),  # GQA 1, d128, aligned, no mask at all
     (1, 9, 40, 4, 4, 64, True, False),  # fewer queries than keys: queries aligned to the end (decode-like)
+    (2, 96, 96, 4, 2, 64, True, True),  # documents longer than the blocks: skipped, unmasked and masked blocks
+    (1, 96, 96, 2, 2, 64, False, True),  # the same, not causal (runs of skipped blocks on both sides)
 ]
 
 
@@ -73,6 +77,36 @@ def test_forward_and_gradients_match_reference(b, t, s, h, kh, d, causal, with_s
     for name, x, r in zip(("out", "dq", "dk", "dv"), ours, ref):
         assert x.shape == r.shape and x.dtype == r.dtype, name
         assert _rel(x, r) < F32_TOL, f"{name}: relative error {_rel(x, r):.2e}"
+
+
+def test_one_document_matches_no_segment_ids():
+    """All-ones segment ids run the blocks unmasked (tiles.segment_ranges): the same numbers as no ids."""
+    q, k, v, do = _inputs(2, 64, 64, 4, 2, 64, seed=7)
+    run = lambda seg: _vjp(lambda q, k, v: pallas_gpu.flash_attention(  # noqa: E731
+        q, k, v, segment_ids=seg, causal=True, blocks=SMALL, interpret=True), q, k, v, do)
+    for name, x, r in zip(("out", "dq", "dk", "dv"), run(jnp.ones((2, 64), jnp.int32)), run(None)):
+        assert _rel(x, r) < 1e-6, f"{name}: relative difference {_rel(x, r):.2e}"
+
+
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_portable_kernels_lower_to_triton_on_the_cpu(monkeypatch, with_segments):
+    """Forward and both backward kernels through Pallas' Triton lowering for CUDA (to Triton IR; compiling
+    needs a GPU), with a pretend Hopper's compute capability: catches ops the GPU lowering lacks."""
+    from jax._src.pallas.triton import pallas_call_registration as registration  # noqa: PLC0415
+
+    fake = types.SimpleNamespace(get_gpu_info=lambda: types.SimpleNamespace(compute_capability="9.0"))
+    monkeypatch.setattr(registration, "gpu_info_lib", fake)
+    q, k = jax.ShapeDtypeStruct((2, 256, 4, 128), jnp.bfloat16), jax.ShapeDtypeStruct((2, 256, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+    def grads(q, k, v, seg):
+        out, pullback = jax.vjp(lambda q, k, v: pallas_gpu.flash_attention(
+            q, k, v, segment_ids=seg if with_segments else None, interpret=False, forward_kernel="triton",
+            backward_kernel="triton"), q, k, v)
+        return pullback(out)
+
+    text = jax.jit(grads).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert all(name in text for name in ("jaxllm_flash_fwd", "jaxllm_flash_dkdv", "jaxllm_flash_dq"))
 
 
 def test_fully_masked_rows_give_zeros_not_nan():

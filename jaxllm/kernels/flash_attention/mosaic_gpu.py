@@ -10,8 +10,9 @@ barrier (both compute warpgroups are done with it). Causal attention skips the k
 slots of the blocks it does not see) and masks only the blocks that cross it. Segment ids (0 = padding) mask
 packed documents: a CTA streams only the key blocks that may share a document with its rows
 (`tiles.segment_ranges`), and a key block that one document fills, with a warpgroup's 64 query rows, needs no
-segment mask. The output contract is `pallas_gpu._forward`'s: o [B, Tp, H, D] and the base-2 log-sum-exp [B, H, Tp] float32 (+inf for a
-row with no allowed key, whose output is 0), so `pallas_gpu`'s backward kernels run on it unchanged.
+segment mask. The output contract is `pallas_gpu._forward`'s: o [B, Tp, H, D] and the base-2 log-sum-exp
+[B, H, Tp] float32 (+inf for a row with no allowed key, whose output is 0), so `pallas_gpu`'s backward kernels
+run on it unchanged.
 
 GPU only (Mosaic GPU's CPU interpret mode does not run multi-warpgroup kernels in jax 0.11): tested against the
 reference under `-m gpu`; on the CPU `pallas_gpu` runs the portable Triton-lowered forward in interpret mode.
@@ -127,10 +128,7 @@ class _Cta:
         full, hi = self.ranges(q0)
         if not self.has_seg:
             return 0, full, hi
-        _, stop, u_lo, u_hi = self.segments(q0)
-        end = jnp.maximum(self.start, jnp.minimum(hi, stop))
-        p0 = jnp.clip(u_lo, self.start, end)
-        return p0, jnp.clip(jnp.minimum(u_hi, full), p0, end), end
+        return tiles.key_plan(full, hi, self.segments(q0), start=self.start)[1:]
 
     def slot(self, j):
         """The ring slot of key block j: the loader streams [start, loads) in order."""

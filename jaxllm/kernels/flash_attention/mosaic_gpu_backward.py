@@ -244,20 +244,11 @@ def _kernel(*refs, scratch, scale, causal, offset, s_real, group, has_seg):
     refs = (*refs[:7], *refs[-2:], *(refs[7:9] if has_seg else (None, None)))  # inputs, then dk, dv
     b, kh, kt = _coordinates(refs[0].shape[0], refs[1].shape[2], refs[1].shape[1] // KEYS)
     k0 = kt * KEYS
-    lo, lo_full = jnp.int32(0), jnp.int32(0)
-    if causal:
-        lo = lax.div(jnp.maximum(k0 - offset, 0), ROWS)
-        lo_full = jnp.clip(lax.div(jnp.maximum(k0 + KEYS - 1 - offset, 0) + ROWS - 1, ROWS), lo, n_q)
-    if s_real is not None:
-        lo_full = jnp.where(k0 + KEYS > s_real, n_q, lo_full)
-    start, end, p0, p1 = lo, jnp.int32(n_q), lo_full, jnp.int32(n_q)
-    if has_seg:  # only the query blocks that share a document with the CTA's keys; no segment mask where one
-        # document fills both the query block and the key tile (tiles.segment_ranges)
-        first, stop, u_lo, u_hi = (ranges[b, kt, j] for j in range(4))
-        start = jnp.maximum(lo, first)
-        end = jnp.maximum(start, stop)
-        p0 = jnp.clip(jnp.maximum(lo_full, u_lo), start, end)
-        p1 = jnp.clip(u_hi, p0, end)
+    lo, lo_full = tiles.query_blocks(k0, KEYS, bq=ROWS, n_q=n_q, causal=causal, offset=offset, s_real=s_real)
+    # With segment ids only the query blocks that may share a document with the CTA's keys, and no segment mask
+    # where one document fills both the query block and the key tile (tiles.segment_ranges).
+    seg = tuple(ranges[b, kt, j] for j in range(4)) if has_seg else None
+    start, p0, p1, end = tiles.query_plan(lo, lo_full, n_q, seg)
     c = _Ctx(scale=scale, causal=causal, offset=offset, s_real=s_real, has_seg=has_seg, group=group, b=b, kh=kh,
              k0=k0, start=start, end=end, p0=p0, p1=p1, refs=refs, smem=smem, bars=bars)
     wg = lax.axis_index("wg")

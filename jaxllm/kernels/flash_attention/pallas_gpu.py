@@ -123,15 +123,30 @@ def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _cdiv(x, y: int):
-    """Ceil-divide a non-negative traced int by a static int."""
-    return lax.div(x + (y - 1), y)
+def _range_row(ref):
+    """The four int32 scalars of a [4] ref (a row of tiles.segment_ranges), or None without one."""
+    if ref is None:
+        return None
+    row, idx = ref[...], lax.broadcasted_iota(jnp.int32, (4,), 0)
+    return tuple(jnp.sum(jnp.where(idx == j, row, 0)) for j in range(4))
 
 
-def _kv_range(st: _Static, sp: int, q_start, bq: int, bk: int):
-    """(n_unmasked, n_total) key blocks for a query block: blocks [0, n_unmasked) need no mask."""
-    return tiles.key_blocks(q_start, bq, bk=bk, n_k=sp // bk, causal=st.causal, offset=st.offset,
-                            full_cap=st.s // bk if st.ragged else None, has_seg=st.has_seg)
+def _kv_plan(st: _Static, sp: int, q_start, bq: int, bk: int, seg):
+    """(start, p0, p1, end) key blocks for a query block: [p0, p1) need no mask, [start, p0) and [p1, end) do,
+    the rest are skipped. seg: its tiles.segment_ranges row (None without segment ids: start = p0 = 0)."""
+    full, hi = tiles.key_blocks(q_start, bq, bk=bk, n_k=sp // bk, causal=st.causal, offset=st.offset,
+                                full_cap=st.s // bk if st.ragged else None)
+    return (0, 0, full, hi) if seg is None else tiles.key_plan(full, hi, seg)
+
+
+def _loops(body, plan, carry, has_seg: bool):
+    """Runs body(i, carry, masked) over a plan's blocks: masked [start, p0), unmasked [p0, p1), masked [p1, end)
+    (the first loop only with segment ids: without them start == p0)."""
+    start, p0, p1, end = plan
+    if has_seg:
+        carry = lax.fori_loop(start, p0, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(p0, p1, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(p1, end, functools.partial(body, masked=True), carry)
 
 
 def _q_block(st: _Static, n_q: int):
@@ -141,16 +156,16 @@ def _q_block(st: _Static, n_q: int):
 
 
 def _split_refs(refs, has_seg: bool, n_in: int):
-    """(inputs, q_seg_ref, kv_seg_ref, outputs) from a kernel's positional refs."""
+    """(inputs, q_seg_ref, kv_seg_ref, ranges_ref, outputs) from a kernel's positional refs."""
     ins, rest = refs[:n_in], refs[n_in:]
     if has_seg:
-        return ins, rest[0], rest[1], rest[2:]
-    return ins, None, None, rest
+        return ins, rest[0], rest[1], rest[2], rest[3:]
+    return ins, None, None, None, rest
 
 
 def _fwd_kernel(*refs, st: _Static):
     """One query block of one head: online softmax over its key blocks; writes O and the base-2 LSE."""
-    (q_ref, k_ref, v_ref), qs_ref, ks_ref, (o_ref, lse_ref) = _split_refs(refs, st.has_seg, 3)
+    (q_ref, k_ref, v_ref), qs_ref, ks_ref, rg_ref, (o_ref, lse_ref) = _split_refs(refs, st.has_seg, 3)
     bq, bk, sp = st.blocks.q, st.blocks.k, k_ref.shape[0]
     q_start = _q_block(st, pl.num_programs(0)) * bq
     q = q_ref[...]  # [bq, D]
@@ -174,22 +189,21 @@ def _fwd_kernel(*refs, st: _Static):
 
     d = q.shape[-1]
     carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    n_full, hi = _kv_range(st, sp, q_start, bq, bk)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
+    acc, m, l = _loops(body, _kv_plan(st, sp, q_start, bq, bk, _range_row(rg_ref)), carry, st.has_seg)
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     m = jnp.where(m == -jnp.inf, 0.0, m)
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
 
-def _seg_specs(st: _Static, q_block_map, kv_block_map, bq: int, bk: int | None, tp: int, sp: int):
-    """BlockSpecs for [B, Tp] query and [B, Sp] key segment ids (bk None = the whole row)."""
+def _seg_specs(st: _Static, q_block_map, kv_block_map, range_map, bq: int, bk: int | None, tp: int, sp: int):
+    """BlockSpecs for [B, Tp] query and [B, Sp] key segment ids (bk None = the whole row) and the program's row
+    of tiles.segment_ranges [B, n, 4]."""
     if not st.has_seg:
         return []
     q_spec = pl.BlockSpec((None, bq), q_block_map) if bq else pl.BlockSpec((None, tp), q_block_map)
     kv_spec = pl.BlockSpec((None, bk), kv_block_map) if bk else pl.BlockSpec((None, sp), kv_block_map)
-    return [q_spec, kv_spec]
+    return [q_spec, kv_spec, pl.BlockSpec((None, None, 4), range_map)]
 
 
 def _params(st: _Static, warps: int, stages: int):
@@ -210,12 +224,13 @@ def _forward(q, k, v, q_seg, kv_seg, st: _Static):
         pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
         pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
         pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-    ] + _seg_specs(st, lambda i, bi, hi: (bi, rev(i)), lambda i, bi, hi: (bi, 0), bq, None, tp, sp)
+    ] + _seg_specs(st, lambda i, bi, hi: (bi, rev(i)), lambda i, bi, hi: (bi, 0),
+                   lambda i, bi, hi: (bi, rev(i), 0), bq, None, tp, sp)
     out_specs = [
         pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i))),
     ]
-    segs = [q_seg, kv_seg] if st.has_seg else []
+    segs = [q_seg, kv_seg, tiles.segment_ranges(q_seg, bq, kv_seg, st.blocks.k)] if st.has_seg else []
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         grid=(n_q, b, h),
@@ -237,7 +252,7 @@ def _probs(st: _Static, q, k, lse, q_start, k_start, bq: int, bk: int, qs, ks, m
 
 def _dkdv_kernel(*refs, st: _Static):
     """One key block of one KV head: sums dK, dV over its query heads and the query blocks that see it."""
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, (dk_ref, dv_ref) = _split_refs(
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, rg_ref, (dk_ref, dv_ref) = _split_refs(
         refs, st.has_seg, 6)
     bq, bk, tp = st.blocks.bwd_q, st.blocks.bwd_k, st.tp
     n_q = tp // bq
@@ -257,34 +272,24 @@ def _dkdv_kernel(*refs, st: _Static):
         ds = p * (dp - delta_ref[g, pl.ds(q_start, bq)][:, None])
         return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
-    lo, lo_full = _q_range(st, k_start, bq, bk, n_q)
+    lo, lo_full = tiles.query_blocks(k_start, bk, bq=bq, n_q=n_q, causal=st.causal, offset=st.offset,
+                                     s_real=st.s if st.ragged else None)
+    start, p0, p1, end = tiles.query_plan(lo, lo_full, n_q, _range_row(rg_ref))
     d = k.shape[-1]
     carry = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
     for g in range(st.group):  # static: the query heads that share this KV head
-        carry = lax.fori_loop(lo, lo_full, functools.partial(body, g=g, masked=True), carry)
-        carry = lax.fori_loop(lo_full, n_q, functools.partial(body, g=g, masked=False), carry)
+        carry = lax.fori_loop(start, p0, functools.partial(body, g=g, masked=True), carry)
+        carry = lax.fori_loop(p0, p1, functools.partial(body, g=g, masked=False), carry)
+        if st.has_seg:
+            carry = lax.fori_loop(p1, end, functools.partial(body, g=g, masked=True), carry)
     dk, dv = carry
     dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _q_range(st: _Static, k_start, bq: int, bk: int, n_q: int):
-    """(lo, lo_full) query blocks for a key block: [lo, lo_full) need the mask, [lo_full, n_q) don't."""
-    if st.causal:
-        lo = lax.div(jnp.maximum(k_start - st.offset, 0), bq)
-        lo_full = jnp.clip(_cdiv(jnp.maximum(k_start + bk - 1 - st.offset, 0), bq), lo, n_q)
-    else:
-        lo, lo_full = jnp.int32(0), jnp.int32(0)
-    if st.ragged:
-        lo_full = jnp.where(k_start + bk > st.s, n_q, lo_full)
-    if st.has_seg:
-        lo_full = jnp.int32(n_q)
-    return lo, lo_full
-
-
 def _dq_kernel(*refs, st: _Static):
     """One query block of one head: dQ over the key blocks it sees."""
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, (dq_ref,) = _split_refs(
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qs_ref, ks_ref, rg_ref, (dq_ref,) = _split_refs(
         refs, st.has_seg, 6)
     (bq, bk, _, _), sp = st.blocks.dq, k_ref.shape[0]
     q_start = _q_block(st, pl.num_programs(0)) * bq
@@ -301,10 +306,8 @@ def _dq_kernel(*refs, st: _Static):
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])  # [bq, bk]
         return dq + _dot(ds.astype(k.dtype), k)
 
-    n_full, hi = _kv_range(st, sp, q_start, bq, bk)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
-    dq = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), dq)
+    dq = _loops(body, _kv_plan(st, sp, q_start, bq, bk, _range_row(rg_ref)), jnp.zeros(q.shape, jnp.float32),
+                st.has_seg)
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -318,7 +321,7 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
     sp, kh = k.shape[1], k.shape[2]
     bq, bk, g = st.blocks.bwd_q, st.blocks.bwd_k, st.group
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # [B, H, Tp]
-    segs = [q_seg, kv_seg] if st.has_seg else []
+    segs = [q_seg, kv_seg, tiles.segment_ranges(kv_seg, bk, q_seg, bq)] if st.has_seg else []
     # dK, dV: grid over key blocks; each program reads all G query heads of its KV head.
     group_spec = pl.BlockSpec((None, tp, g, d), lambda j, bi, ki: (bi, 0, ki, 0))
     key_spec = pl.BlockSpec((None, bk, None, d), lambda j, bi, ki: (bi, j, ki, 0))
@@ -327,14 +330,16 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
         functools.partial(_dkdv_kernel, st=st),
         grid=(sp // bk, b, kh),
         in_specs=[group_spec, key_spec, key_spec, group_spec, row_spec, row_spec]
-        + _seg_specs(st, lambda j, bi, ki: (bi, 0), lambda j, bi, ki: (bi, j), None, bk, tp, sp),
+        + _seg_specs(st, lambda j, bi, ki: (bi, 0), lambda j, bi, ki: (bi, j), lambda j, bi, ki: (bi, j, 0), None,
+                     bk, tp, sp),
         out_specs=[key_spec, key_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         name="jaxllm_flash_dkdv",
         **_params(st, st.blocks.bwd_warps, st.blocks.bwd_stages),
     )(q, k, v, do, lse, delta, *segs)
     # dQ: grid over query blocks, like the forward.
-    bq, _, dq_warps, dq_stages = st.blocks.dq
+    bq, bk, dq_warps, dq_stages = st.blocks.dq
+    segs = [q_seg, kv_seg, tiles.segment_ranges(q_seg, bq, kv_seg, bk)] if st.has_seg else []
     n_q = tp // bq
     rev = (lambda i: n_q - 1 - i) if st.causal else (lambda i: i)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0))
@@ -344,7 +349,8 @@ def _backward(q, k, v, q_seg, kv_seg, o, lse, do, st: _Static):
         functools.partial(_dq_kernel, st=st),
         grid=(n_q, b, h),
         in_specs=[q_spec, kv_spec, kv_spec, q_spec, vec_spec, vec_spec]
-        + _seg_specs(st, lambda i, bi, hi: (bi, rev(i)), lambda i, bi, hi: (bi, 0), bq, None, tp, sp),
+        + _seg_specs(st, lambda i, bi, hi: (bi, rev(i)), lambda i, bi, hi: (bi, 0),
+                     lambda i, bi, hi: (bi, rev(i), 0), bq, None, tp, sp),
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         name="jaxllm_flash_dq",

@@ -7,12 +7,11 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def key_blocks(q_start, rows: int, *, bk: int, n_k: int, causal: bool, offset: int, full_cap: int | None = None,
-               has_seg: bool = False):
+def key_blocks(q_start, rows: int, *, bk: int, n_k: int, causal: bool, offset: int, full_cap: int | None = None):
     """(unmasked, total) key blocks of bk columns (n_k in all) for `rows` query rows from q_start (traced int):
     blocks [0, unmasked) need no mask, [unmasked, total) do, the rest are skipped. Causal: query t sees keys
     <= t + offset. full_cap: the number of key blocks holding only real keys when the last is ragged (its
-    padding must be masked). has_seg: segment ids mask every block."""
+    padding must be masked)."""
     if causal:
         hi = jnp.clip(lax.div(jnp.maximum(q_start + rows + offset, 0) + (bk - 1), bk), 0, n_k)
         full = lax.div(jnp.maximum(q_start + offset + 1, 0), bk)
@@ -20,9 +19,44 @@ def key_blocks(q_start, rows: int, *, bk: int, n_k: int, causal: bool, offset: i
         hi = full = jnp.int32(n_k)
     if full_cap is not None:
         full = jnp.minimum(full, full_cap)
-    if has_seg:
-        full = jnp.int32(0)
     return jnp.minimum(full, hi), hi
+
+
+def query_blocks(k_start, bk: int, *, bq: int, n_q: int, causal: bool, offset: int, s_real: int | None = None):
+    """(lo, lo_full) query blocks of bq rows (n_q in all) for the bk keys from k_start (traced int): blocks
+    [lo, lo_full) need the mask, [lo_full, n_q) don't, those before lo see none of the keys. s_real: keys at and
+    past it are padding (a key block holding some is masked throughout)."""
+    lo, lo_full = jnp.int32(0), jnp.int32(0)
+    if causal:
+        lo = lax.div(jnp.maximum(k_start - offset, 0), bq)
+        lo_full = jnp.clip(lax.div(jnp.maximum(k_start + bk - 1 - offset, 0) + (bq - 1), bq), lo, n_q)
+    if s_real is not None:
+        lo_full = jnp.where(k_start + bk > s_real, n_q, lo_full)
+    return lo, lo_full
+
+
+def key_plan(full, hi, seg, start=None):
+    """(start, p0, p1, end) key blocks for a query block with segment ids: [p0, p1) need no mask, [start, p0) and
+    [p1, end) do, the rest are skipped. (full, hi): its `key_blocks`; seg: its `segment_ranges` row (first, stop,
+    u_lo, u_hi); start: where to begin instead of the first block that may share a document."""
+    first, stop, u_lo, u_hi = seg
+    start = jnp.minimum(first, hi) if start is None else start
+    end = jnp.maximum(start, jnp.minimum(hi, stop))
+    p0 = jnp.clip(u_lo, start, end)
+    return start, p0, jnp.clip(jnp.minimum(u_hi, full), p0, end), end
+
+
+def query_plan(lo, lo_full, n_q: int, seg):
+    """(start, p0, p1, end) query blocks for a key block: [p0, p1) need no mask, [start, p0) and [p1, end) do,
+    the rest are skipped. (lo, lo_full): its `query_blocks`; seg: its `segment_ranges` row, or None (then
+    [lo, lo_full) masked, [lo_full, n_q) not)."""
+    if seg is None:
+        return lo, lo_full, jnp.int32(n_q), jnp.int32(n_q)
+    first, stop, u_lo, u_hi = seg
+    start = jnp.maximum(lo, first)
+    end = jnp.maximum(start, stop)
+    p0 = jnp.clip(jnp.maximum(lo_full, u_lo), start, end)
+    return start, p0, jnp.clip(u_hi, p0, end), end
 
 
 def segment_ranges(a_seg, a_rows: int, b_seg, b_rows: int):
