@@ -204,9 +204,7 @@ def _compute(c: _Cta, wg) -> None:
     if c.settings.pingpong:  # warpgroup 1 starts half a step behind: it multiplies while 0 runs its softmax
         pl.when(wg == 1)(c.meet)
     step = functools.partial(_step, c, wg, q0, qs)
-    carry = lax.fori_loop(c.start, p0, functools.partial(step, masked=True), init) if c.has_seg else init
-    carry = lax.fori_loop(p0, p1, functools.partial(step, masked=False), carry)
-    acc, m, l = lax.fori_loop(p1, end, functools.partial(step, masked=True), carry)
+    acc, m, l = tiles.loops(step, (c.start, p0, p1, end), init)
 
     @pl.loop(end, c.loads)
     def _skip(j):  # blocks only the other warpgroup needs: hand their slots back, keep the pacing in step

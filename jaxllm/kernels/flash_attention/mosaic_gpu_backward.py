@@ -70,9 +70,9 @@ class _Ctx:
     kh: jax.Array
     k0: jax.Array  # the CTA's first key row
     start: jax.Array  # the CTA's query blocks are [start, end); those in [p0, p1) need no mask
-    end: jax.Array
+    end: jax.Array | int  # n_q without segment ids
     p0: jax.Array
-    p1: jax.Array
+    p1: jax.Array | int
     refs: tuple  # q, k, v, do, lse, delta, dq (float32 accumulator), dk, dv, q_seg, kv_seg (or None, None)
     smem: tuple  # k [KEYS, D], v, q [SLOTS, ROWS, D], do, lse [SLOTS, ROWS], delta, ds [2, KEYS, ROWS],
     # dq [WGS, ROWS, D/2], q_seg [SLOTS, ROWS], kv_seg [KEYS] (segment buffers None without segment ids)
@@ -180,9 +180,7 @@ def _compute(c: _Ctx, wg):
     zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_smem.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
     carry = (zeros, zeros)
     for g in range(c.group):
-        carry = lax.fori_loop(c.start, c.p0, lambda i, cr, g=g: _step(c, wg, g, i, cr, True), carry)
-        carry = lax.fori_loop(c.p0, c.p1, lambda i, cr, g=g: _step(c, wg, g, i, cr, False), carry)
-        carry = lax.fori_loop(c.p1, c.end, lambda i, cr, g=g: _step(c, wg, g, i, cr, True), carry)
+        carry = tiles.loops(functools.partial(_step, c, wg, g), (c.start, c.p0, c.p1, c.end), carry)
     dk, dv = carry
     plgpu.wait_smem_to_gmem(0)
     plgpu.barrier_arrive(c.bars[7])  # both warpgroups are done reading K (dQ) before it is overwritten

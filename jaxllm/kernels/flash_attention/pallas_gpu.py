@@ -139,16 +139,6 @@ def _kv_plan(st: _Static, sp: int, q_start, bq: int, bk: int, seg):
     return (0, 0, full, hi) if seg is None else tiles.key_plan(full, hi, seg)
 
 
-def _loops(body, plan, carry, has_seg: bool):
-    """Runs body(i, carry, masked) over a plan's blocks: masked [start, p0), unmasked [p0, p1), masked [p1, end)
-    (the first loop only with segment ids: without them start == p0)."""
-    start, p0, p1, end = plan
-    if has_seg:
-        carry = lax.fori_loop(start, p0, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(p0, p1, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(p1, end, functools.partial(body, masked=True), carry)
-
-
 def _q_block(st: _Static, n_q: int):
     """This program's query block; causal runs the heavy (late) blocks first."""
     i = pl.program_id(0)
@@ -189,7 +179,7 @@ def _fwd_kernel(*refs, st: _Static):
 
     d = q.shape[-1]
     carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    acc, m, l = _loops(body, _kv_plan(st, sp, q_start, bq, bk, _range_row(rg_ref)), carry, st.has_seg)
+    acc, m, l = tiles.loops(body, _kv_plan(st, sp, q_start, bq, bk, _range_row(rg_ref)), carry)
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     m = jnp.where(m == -jnp.inf, 0.0, m)
@@ -274,14 +264,11 @@ def _dkdv_kernel(*refs, st: _Static):
 
     lo, lo_full = tiles.query_blocks(k_start, bk, bq=bq, n_q=n_q, causal=st.causal, offset=st.offset,
                                      s_real=st.s if st.ragged else None)
-    start, p0, p1, end = tiles.query_plan(lo, lo_full, n_q, _range_row(rg_ref))
+    plan = tiles.query_plan(lo, lo_full, n_q, _range_row(rg_ref))
     d = k.shape[-1]
     carry = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
     for g in range(st.group):  # static: the query heads that share this KV head
-        carry = lax.fori_loop(start, p0, functools.partial(body, g=g, masked=True), carry)
-        carry = lax.fori_loop(p0, p1, functools.partial(body, g=g, masked=False), carry)
-        if st.has_seg:
-            carry = lax.fori_loop(p1, end, functools.partial(body, g=g, masked=True), carry)
+        carry = tiles.loops(functools.partial(body, g=g), plan, carry)
     dk, dv = carry
     dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -306,8 +293,7 @@ def _dq_kernel(*refs, st: _Static):
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])  # [bq, bk]
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = _loops(body, _kv_plan(st, sp, q_start, bq, bk, _range_row(rg_ref)), jnp.zeros(q.shape, jnp.float32),
-                st.has_seg)
+    dq = tiles.loops(body, _kv_plan(st, sp, q_start, bq, bk, _range_row(rg_ref)), jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 

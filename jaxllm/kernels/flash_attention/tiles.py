@@ -3,6 +3,8 @@ segment ids, which blocks may share a document (`segment_ranges`)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -46,12 +48,22 @@ def key_plan(full, hi, seg, start=None):
     return start, p0, jnp.clip(jnp.minimum(u_hi, full), p0, end), end
 
 
+def loops(body, plan, carry):
+    """Runs body(i, carry, masked=...) over a plan's blocks: masked [start, p0), unmasked [p0, p1), masked
+    [p1, end). A range whose bounds are the same Python int (a plan without segment ids) is not traced."""
+    start, p0, p1, end = plan
+    for lo, hi, masked in ((start, p0, True), (p0, p1, False), (p1, end, True)):
+        if not (isinstance(lo, int) and isinstance(hi, int) and lo == hi):
+            carry = lax.fori_loop(lo, hi, functools.partial(body, masked=masked), carry)
+    return carry
+
+
 def query_plan(lo, lo_full, n_q: int, seg):
     """(start, p0, p1, end) query blocks for a key block: [p0, p1) need no mask, [start, p0) and [p1, end) do,
     the rest are skipped. (lo, lo_full): its `query_blocks`; seg: its `segment_ranges` row, or None (then
     [lo, lo_full) masked, [lo_full, n_q) not)."""
     if seg is None:
-        return lo, lo_full, jnp.int32(n_q), jnp.int32(n_q)
+        return lo, lo_full, n_q, n_q
     first, stop, u_lo, u_hi = seg
     start = jnp.maximum(lo, first)
     end = jnp.maximum(start, stop)
