@@ -108,6 +108,8 @@ GPU_CASES = [  # b, t, s, h, kh, causal, dtype, with_segments (head dim 128)
     (1, 2048, 2048, 2, 2, True, jnp.bfloat16, False),  # many query blocks per CTA (the slot ring wraps)
     (1, 4096, 4096, 2, 1, True, jnp.bfloat16, True),  # 32 key tiles, packed documents
     (4, 128, 128, 4, 2, True, jnp.bfloat16, False),  # one key block, two query blocks
+    (1, 1000, 1000, 4, 2, False, jnp.bfloat16, False),  # not causal, ragged: CTAs start at their own block
+    (1, 2048, 2048, 2, 2, False, jnp.bfloat16, False),  # not causal, the start wraps around 32 query blocks
 ]
 
 

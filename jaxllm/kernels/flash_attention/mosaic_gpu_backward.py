@@ -13,7 +13,8 @@ Each warpgroup computes one half of dQ's columns over all 128 keys, so a CTA add
 per query block into a float32 dQ in HBM, by TMA reduce-add. That sum's order depends on CTA timing: dQ is
 not bitwise reproducible run to run (pallas_gpu picks the two-kernel Triton backward when determinism is asked
 for). Causal CTAs skip the query blocks that see none of their keys and mask only the blocks crossing the
-diagonal. With segment ids (packed documents, 0 = padding) a CTA visits only the query blocks that may share a
+diagonal; without a mask each CTA starts at its own query block and wraps around, so the CTAs of one head
+don't add into the same dQ block at once (as the causal diagonal staggers them). With segment ids (packed documents, 0 = padding) a CTA visits only the query blocks that may share a
 document with its keys, and masks none where one document fills both the query block and the key tile
 (`tiles.segment_ranges`, computed by XLA before the kernel).
 
@@ -73,6 +74,8 @@ class _Ctx:
     end: jax.Array | int  # n_q without segment ids
     p0: jax.Array
     p1: jax.Array | int
+    rot: jax.Array | None  # without a causal mask or segment ids: the CTA visits the query blocks from this one
+    # on, wrapping around, so the CTAs of one head add into different dQ blocks at a time
     refs: tuple  # q, k, v, do, lse, delta, dq (float32 accumulator), dk, dv, q_seg, kv_seg (or None, None)
     smem: tuple  # k [KEYS, D], v, q [SLOTS, ROWS, D], do, lse [SLOTS, ROWS], delta, ds [2, KEYS, ROWS],
     # dq [WGS, ROWS, D/2], q_seg [SLOTS, ROWS], kv_seg [KEYS] (segment buffers None without segment ids)
@@ -82,6 +85,11 @@ class _Ctx:
 
 def _rows(ref, wg):
     return ref.at[pl.ds(wg * ROWS, ROWS)]
+
+
+def _block(c: _Ctx, i):
+    """The query block that the CTA's step through block index i visits."""
+    return i if c.rot is None else lax.rem(i + c.rot, jnp.int32(c.end))
 
 
 def _allowed(c: _Ctx, wg, i, slot, shape):
@@ -155,7 +163,7 @@ def _step(c: _Ctx, wg, g, i, carry, masked: bool):
         dq_smem.at[wg][...] = dq
         plgpu.commit_smem()
         head = c.kh * c.group + g
-        plgpu.copy_smem_to_gmem(dq_smem.at[wg], c.refs[6].at[c.b, pl.ds(i * ROWS, ROWS), head,
+        plgpu.copy_smem_to_gmem(dq_smem.at[wg], c.refs[6].at[c.b, pl.ds(_block(c, i) * ROWS, ROWS), head,
                                                              pl.ds(wg * half, half)], reduction_op="add")
 
     zeros = plgpu.layout_cast(jnp.zeros((ROWS, half), jnp.float32), plgpu.Layout.WGMMA)
@@ -181,8 +189,7 @@ def _compute(c: _Ctx, wg):
     carry = (zeros, zeros)
     for g in range(c.group):
         carry = tiles.loops(functools.partial(_step, c, wg, g), (c.start, c.p0, c.p1, c.end), carry)
-    dk, dv = carry
-    plgpu.wait_smem_to_gmem(0)
+    dk, dv = carry  # (the last dQ adds need not land before K is overwritten: they read dq_smem, not K)
     plgpu.barrier_arrive(c.bars[7])  # both warpgroups are done reading K (dQ) before it is overwritten
     plgpu.barrier_wait(c.bars[7])
     _rows(k_smem, wg)[...] = (dk * c.scale).astype(k_smem.dtype)
@@ -203,7 +210,7 @@ def _load(c: _Ctx):
 
     def fetch(n, slot):
         head = c.kh * c.group + lax.div(n, per_head)
-        rows = pl.ds((c.start + lax.rem(n, per_head)) * ROWS, ROWS)
+        rows = pl.ds(_block(c, c.start + lax.rem(n, per_head)) * ROWS, ROWS)
         plgpu.copy_gmem_to_smem(q_ref.at[c.b, rows, head], q_smem.at[slot], q_ready.at[slot])
         plgpu.copy_gmem_to_smem(lse_ref.at[c.b, head, rows], lse_smem.at[slot], lse_ready.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[c.b, rows, head], do_smem.at[slot], do_ready.at[slot])
@@ -247,8 +254,11 @@ def _kernel(*refs, scratch, scale, causal, offset, s_real, group, has_seg):
     # where one document fills both the query block and the key tile (tiles.segment_ranges).
     seg = tuple(ranges[b, kt, j] for j in range(4)) if has_seg else None
     start, p0, p1, end = tiles.query_plan(lo, lo_full, n_q, seg)
+    # Without a causal mask every CTA of a head would start at query block 0 and add into the same dQ block at
+    # the same time: start each at its own block instead, as the causal diagonal does.
+    rot = None if causal or has_seg else lax.rem(kt * (KEYS // ROWS), jnp.int32(n_q))
     c = _Ctx(scale=scale, causal=causal, offset=offset, s_real=s_real, has_seg=has_seg, group=group, b=b, kh=kh,
-             k0=k0, start=start, end=end, p0=p0, p1=p1, refs=refs, smem=smem, bars=bars)
+             k0=k0, start=start, end=end, p0=p0, p1=p1, rot=rot, refs=refs, smem=smem, bars=bars)
     wg = lax.axis_index("wg")
     pl.when(wg < WGS)(lambda: _compute(c, wg))
     pl.when(wg == WGS)(lambda: _load(c))
