@@ -14,9 +14,10 @@ per query block into a float32 dQ in HBM, by TMA reduce-add. That sum's order de
 not bitwise reproducible run to run (pallas_gpu picks the two-kernel Triton backward when determinism is asked
 for). Causal CTAs skip the query blocks that see none of their keys and mask only the blocks crossing the
 diagonal; without a mask each CTA starts at its own query block and wraps around, so the CTAs of one head
-don't add into the same dQ block at once (as the causal diagonal staggers them). With segment ids (packed documents, 0 = padding) a CTA visits only the query blocks that may share a
-document with its keys, and masks none where one document fills both the query block and the key tile
-(`tiles.segment_ranges`, computed by XLA before the kernel).
+don't add into the same dQ block at once (as the causal diagonal staggers them). With segment ids (packed
+documents, 0 = padding) a CTA visits only the query blocks that may share a document with its keys, and masks
+none where one document fills both the query block and the key tile (`tiles.segment_ranges`, computed by XLA
+before the kernel).
 
 Inputs follow pallas_gpu's conventions: padded q, dO [B, Tp, H, D], k, v [B, Sp, K, D], and the forward's
 base-2 log-sum-exp [B, H, Tp] (+inf for a row with no allowed key, whose probabilities are then 0).
