@@ -419,3 +419,24 @@ def test_decode_step_on_gpu_falls_back_and_says_why_once(monkeypatch, caplog):
             assert not attention_mod.decode_step_takes("auto", (2, 36, 96), 12, (2, 256, 12, 96))
     said = [r.getMessage() for r in caplog.records if "decode step" in r.getMessage()]
     assert len(said) == 1 and "head_dim 96" in said[0], said
+
+
+PORTABLE_GPU_CASES = [  # b, t, h, kh, d, causal, dtype (several packed documents per row, a padding tail)
+    (2, 384, 4, 2, 128, True, jnp.bfloat16),
+    (1, 1000, 8, 1, 64, True, jnp.bfloat16),
+    (2, 512, 4, 4, 256, False, jnp.float16),
+    (1, 2048, 2, 2, 128, True, jnp.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,h,kh,d,causal,dtype", PORTABLE_GPU_CASES)
+def test_portable_kernels_with_segment_ids_on_gpu_match_reference(b, t, h, kh, d, causal, dtype):
+    """The Triton-lowered forward, dK/dV and dQ kernels, which skip the blocks no shared document reaches."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    from tests.test_flash_mosaic import assert_matches_reference  # noqa: PLC0415 (GPU-only helper)
+
+    q, k, v, do = _inputs(b, t, t, h, kh, d, dtype, seed=t + d)
+    seg = _packed_segments(b, t, seed=d)
+    assert_matches_reference(q, k, v, do, seg, causal, forward_kernel="triton", backward_kernel="triton")
