@@ -100,12 +100,18 @@ def _allowed(c: _Ctx, wg, i, slot, shape):
     def both(a, b):
         return b if a is None else a & b
 
-    key = c.k0 + wg * ROWS + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    # Positions as vectors (a few registers per thread), broadcast only into the comparisons: full-tile iotas
+    # cost two more [64, 64] int32 tiles of registers in the step that already holds the most.
+    if c.s_real is not None or c.causal:  # (only where used: an unused one hung a non-causal packed case)
+        key = c.k0 + wg * ROWS + plgpu.broadcasted_iota(jnp.int32, shape[:1], 0,
+                                                         layout=plgpu.Layout.WGMMA.reduce(1))
+        key = lax.broadcast_in_dim(key, shape, [0])
     if c.s_real is not None:
         allowed = key < c.s_real
     if c.causal:
-        query = i * ROWS + c.offset + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-        allowed = both(allowed, key <= query)
+        query = i * ROWS + c.offset + plgpu.broadcasted_iota(jnp.int32, shape[1:], 0,
+                                                              layout=plgpu.Layout.WGMMA.reduce(0))
+        allowed = both(allowed, key <= lax.broadcast_in_dim(query, shape, [1]))
     if c.has_seg:
         qs = plgpu.load(c.smem[8].at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         ks = plgpu.load(_rows(c.smem[9], wg), layout=plgpu.Layout.WGMMA.reduce(1))
