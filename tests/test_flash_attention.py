@@ -16,6 +16,7 @@ import pytest
 from jaxllm.kernels.flash_attention import pallas_gpu, reference
 from jaxllm.models import attention as attention_mod
 from jaxllm.models import transformer
+from tests.test_flash_mosaic import assert_matches_reference
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -435,8 +436,6 @@ def test_portable_kernels_with_segment_ids_on_gpu_match_reference(b, t, h, kh, d
     """The Triton-lowered forward, dK/dV and dQ kernels, which skip the blocks no shared document reaches."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    from tests.test_flash_mosaic import assert_matches_reference  # noqa: PLC0415 (GPU-only helper)
-
     q, k, v, do = _inputs(b, t, t, h, kh, d, dtype, seed=t + d)
     seg = _packed_segments(b, t, seed=d)
     assert_matches_reference(q, k, v, do, seg, causal, forward_kernel="triton", backward_kernel="triton")
