@@ -48,16 +48,6 @@ def key_plan(full, hi, seg, start=None):
     return start, p0, jnp.clip(jnp.minimum(u_hi, full), p0, end), end
 
 
-def loops(body, plan, carry):
-    """Runs body(i, carry, masked=...) over a plan's blocks: masked [start, p0), unmasked [p0, p1), masked
-    [p1, end). A range whose bounds are the same Python int (a plan without segment ids) is not traced."""
-    start, p0, p1, end = plan
-    for lo, hi, masked in ((start, p0, True), (p0, p1, False), (p1, end, True)):
-        if not (isinstance(lo, int) and isinstance(hi, int) and lo == hi):
-            carry = lax.fori_loop(lo, hi, functools.partial(body, masked=masked), carry)
-    return carry
-
-
 def query_plan(lo, lo_full, n_q: int, seg):
     """(start, p0, p1, end) query blocks for a key block: [p0, p1) need no mask, [start, p0) and [p1, end) do,
     the rest are skipped. (lo, lo_full): its `query_blocks`; seg: its `segment_ranges` row, or None (then
@@ -69,6 +59,16 @@ def query_plan(lo, lo_full, n_q: int, seg):
     end = jnp.maximum(start, stop)
     p0 = jnp.clip(jnp.maximum(lo_full, u_lo), start, end)
     return start, p0, jnp.clip(u_hi, p0, end), end
+
+
+def loops(body, plan, carry):
+    """Runs body(i, carry, masked=...) over a plan's blocks: masked [start, p0), unmasked [p0, p1), masked
+    [p1, end). A range whose bounds are the same Python int (a plan without segment ids) is not traced."""
+    start, p0, p1, end = plan
+    for lo, hi, masked in ((start, p0, True), (p0, p1, False), (p1, end, True)):
+        if not (isinstance(lo, int) and isinstance(hi, int) and lo == hi):
+            carry = lax.fori_loop(lo, hi, functools.partial(body, masked=masked), carry)
+    return carry
 
 
 def segment_ranges(a_seg, a_rows: int, b_seg, b_rows: int):
