@@ -58,6 +58,7 @@ GPU_CASES = [  # b, t, s, h, kh, d, causal, with_segments, dtype
     (2, 384, 384, 4, 2, 128, True, True, jnp.bfloat16),  # GQA 2, packed documents with a padding tail
     (1, 1000, 1000, 8, 1, 64, True, False, jnp.bfloat16),  # GQA 8, ragged length (64-key blocks)
     (2, 256, 256, 4, 4, 128, False, False, jnp.float16),  # not causal, fp16
+    (1, 1000, 1000, 4, 4, 128, False, False, jnp.bfloat16),  # not causal, ragged: the key-column mask alone
     (1, 256, 512, 4, 2, 128, True, False, jnp.bfloat16),  # fewer queries than keys (aligned to the end)
     (1, 2048, 2048, 2, 2, 128, True, False, jnp.bfloat16),  # many key blocks per CTA (the slot ring wraps)
     (4, 128, 128, 4, 2, 128, True, True, jnp.bfloat16),  # one key block (as in a generation prefill), a padding tail
