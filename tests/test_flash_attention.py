@@ -123,6 +123,28 @@ def test_fully_masked_rows_give_zeros_not_nan():
     np.testing.assert_array_equal(np.asarray(dq[0]), 0.0)
 
 
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_compiled_memory_grows_linearly_with_length(with_segments):
+    """No [S, S] buffer forward or backward: the compiled fwd+bwd's temp memory (interpret mode, default
+    blocks) grows ~linearly from S 2048 to 8192 and stays far below one [S, S] float32 buffer, which the
+    reference exceeds (so the check can see one)."""
+    def temp(fn, s):
+        x = jax.ShapeDtypeStruct((1, s, 1, 64), jnp.float32)
+        seg = jax.ShapeDtypeStruct((1, s), jnp.int32)
+
+        def run(q, k, v, do, seg):
+            out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, seg if with_segments else None), q, k, v)
+            return (out, *pullback(do))
+        return jax.jit(run).lower(x, x, x, x, seg).compile().memory_analysis().temp_size_in_bytes
+
+    ours = lambda q, k, v, seg: pallas_gpu.flash_attention(q, k, v, segment_ids=seg, causal=True, interpret=True)
+    short, long = temp(ours, 2048), temp(ours, 8192)
+    assert long <= 4.5 * short, (short, long)  # 4x the length: 4x the memory (not 16x)
+    assert long < 8192 * 8192 * 4 / 8, long
+    ref = lambda q, k, v, seg: reference.attention(q, k, v, segment_ids=seg, causal=True)
+    assert temp(ref, 8192) > 8192 * 8192 * 4
+
+
 def test_bf16_forward_within_bf16_tolerance():
     q, k, v, _ = _inputs(1, 48, 48, 4, 2, 64, dtype=jnp.bfloat16, seed=5)
     out = jax.jit(lambda q, k, v: pallas_gpu.flash_attention(q, k, v, causal=True, blocks=SMALL,
