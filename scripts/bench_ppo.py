@@ -39,7 +39,7 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/124m.yaml")
     parser.add_argument("--prompts", type=int, default=64)
@@ -48,7 +48,24 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _report(record: dict, out: str) -> None:
+    """Print the record and a per-phase table; append the record to out (JSONL) when given."""
+    med, total = record["seconds"], record["total_s"]
+    print(json.dumps(record))
+    print(f"{'phase':<16} {'seconds':>8} {'share':>6}")
+    for k, v in med.items():
+        print(f"{k:<16} {v:>8.3f} {v / total:>6.1%}")
+    print(f"{'iteration':<16} {total:>8.3f}")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def main() -> None:
+    args = _args()
     if args.tiny:
         cfg, args.prompts, args.prompt_len, args.new_tokens, args.iters = config_lib.load(None, TINY), 8, 8, 8, 2
     else:
@@ -98,14 +115,7 @@ def main() -> None:
               "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "epochs": pcfg.epochs, "minibatch": pcfg.minibatch_size, "seconds": med, "total_s": total,
               "finite_metrics": bool(all(np.isfinite(float(v)) for v in metrics.values()))}
-    print(json.dumps(record))
-    print(f"{'phase':<16} {'seconds':>8} {'share':>6}")
-    for k, v in med.items():
-        print(f"{k:<16} {v:>8.3f} {v / total:>6.1%}")
-    print(f"{'iteration':<16} {total:>8.3f}")
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    _report(record, args.out)
 
 
 if __name__ == "__main__":
