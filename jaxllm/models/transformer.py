@@ -149,11 +149,14 @@ def project_qkv(p: Params, x: jax.Array, cfg: ModelConfig, norm: bool = True) ->
 
 def mlp(p: Params, x: jax.Array, cfg: ModelConfig, kernel: bool = False) -> jax.Array:
     """The MLP sublayer (its RMSNorm included) of x [B, T, D]. kernel: with the norm weight folded
-    (fold_norms), the matmul takes x un-normed and one Pallas kernel applies the norm's row scale and SwiGLU."""
+    (fold_norms), the matmul takes x un-normed, one Pallas kernel applies the norm's row scale and SwiGLU, and
+    the down projection runs split over d_ff (DECODE_DOWN_SPLITS; decoding is this path's only user)."""
     if kernel and "mlp_norm" not in p:  # fold_norms drops it only for a fused, bias-free gate/up
         b, t, d = x.shape
         gate_up = _dense(x, p["w_gate_up"], "btd,df->btf", p, None)  # [B, T, 2F]
         act = swiglu.normed_swiglu(x.reshape(b * t, d), gate_up.reshape(b * t, -1), cfg.norm_eps)
+        if DECODE_DOWN_SPLITS > 1 and "b_down" not in p and act.shape[-1] % DECODE_DOWN_SPLITS == 0:
+            return _split_k_dense(act.reshape(b, t, -1), p["w_down"], DECODE_DOWN_SPLITS)
         return _dense(act.reshape(b, t, -1), p["w_down"], "btf,fd->btd", p, "b_down")
     h = rms_norm(x, p.get("mlp_norm"), cfg.norm_eps)
     if "w_gate_up" in p:  # fused by fuse_projections
@@ -163,6 +166,20 @@ def mlp(p: Params, x: jax.Array, cfg: ModelConfig, kernel: bool = False) -> jax.
         gate = _dense(h, p["w_gate"], "btd,df->btf", p, "b_gate")
         up = _dense(h, p["w_up"], "btd,df->btf", p, "b_up")
     return _dense(jax.nn.silu(gate) * up, p["w_down"], "btf,fd->btd", p, "b_down")
+
+
+# The decode MLP's down projection (rows x d_ff x d_model) as this many batched GEMMs over halves of d_ff, float32
+# partials summed by XLA with the residual, instead of cuBLAS's own split-K and its reduce kernel: ~1% per
+# generate call on an H200 for 1b and 124m (docs/benchmarks.md, thirteenth session).
+DECODE_DOWN_SPLITS = 2
+
+
+def _split_k_dense(x: jax.Array, w: jax.Array, splits: int) -> jax.Array:
+    """x [B, T, F] @ w [F, D] as `splits` products over slices of F, summed in float32: [B, T, D] in x.dtype."""
+    b, t, f = x.shape
+    parts = jnp.einsum("btsf,sfd->sbtd", x.reshape(b, t, splits, f // splits),
+                       w.astype(x.dtype).reshape(splits, f // splits, -1), preferred_element_type=jnp.float32)
+    return parts.sum(0).astype(x.dtype)
 
 
 def fuse_projections(p: Params) -> Params:
