@@ -2,9 +2,11 @@
 `LlamaForCausalLM.generate()` (randomly initialised, same shape, bf16) on the same card in the same run.
 
   python scripts/bench_generate.py                      # 124m and 1b, batch 64, prompt 128, 128 new tokens
+  python scripts/bench_generate.py --configs 1b --rounds 3 --no-diagnostics   # ours and HF alternately, 3 times
   python scripts/bench_generate.py --tiny               # CPU smoke run (HF part skipped if torch is missing)
 
-Prints one JSON line per measurement and a table at the end. Protocol (shared BENCHMARKS.md): two warm-up
+Prints one JSON line per measurement and a table at the end (with --rounds, each round's speed-up: the peer's
+speed varies between runs and machines more than ours does). Protocol (shared BENCHMARKS.md): two warm-up
 calls, then the median of --reps calls, each ended with a device sync; random prompts; ours is checked
 against a full forward pass (no cache) before timing. Both sides sample with the same temperature / top-k /
 top-p, with no stop token, so every row produces exactly --new-tokens tokens.
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for the torch peer
 
@@ -82,7 +85,8 @@ def check_against_full_forward(graphdef, params, cfg, prompts: np.ndarray, confi
             "check_greedy_agreement": float(jnp.mean(jnp.argmax(logits, -1) == tokens))}
 
 
-def bench_ours(name: str, args) -> dict:
+def bench_ours(name: str, args) -> tuple[dict, Callable[[], float]]:
+    """Our record (check, median seconds per call, diagnostics) and a function that times the call again."""
     cfg = model_config(name)
     graphdef, params = init_params(cfg)
     prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
@@ -103,15 +107,30 @@ def bench_ours(name: str, args) -> dict:
         return call
 
     seconds = timed(run(config), args.reps)
-    # Diagnostics: the float32 params prepared inside every call (as in a PPO rollout), the same call greedy
-    # (sampling cost), and with 1 new token (prefill + one step).
-    unprepared_s = timed(run(config, None), args.reps)
-    greedy_s = timed(run(dataclasses.replace(config, temperature=0.0)), args.reps)
-    one_s = timed(run(dataclasses.replace(config, max_new_tokens=1)), args.reps)
-    return {**record, "impl": "jaxllm", "median_s": seconds, "unprepared_median_s": unprepared_s,
-            "greedy_median_s": greedy_s,
-            "prefill_plus_1_s": one_s, "decode_step_ms": 1e3 * (seconds - one_s) / max(args.new_tokens - 1, 1),
-            "card": jax.devices()[0].device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+    record.update(impl="jaxllm", median_s=seconds, card=jax.devices()[0].device_kind, jax=jax.__version__,
+                  jaxlib=jaxlib.__version__)
+    if not args.no_diagnostics:
+        # The float32 params prepared inside every call (as in a PPO rollout), the same call greedy (sampling
+        # cost), and with 1 new token (prefill + one step): three more compilations.
+        one_s = timed(run(dataclasses.replace(config, max_new_tokens=1)), args.reps)
+        record.update(unprepared_median_s=timed(run(config, None), args.reps),
+                      greedy_median_s=timed(run(dataclasses.replace(config, temperature=0.0)), args.reps),
+                      prefill_plus_1_s=one_s, decode_step_ms=1e3 * (seconds - one_s) / max(args.new_tokens - 1, 1))
+    return record, lambda: timed(run(config), args.reps)
+
+
+def measure(name: str, args) -> list[dict]:
+    """Ours and the peer alternately, --rounds times (the peer's speed varies from run to run); ours is compiled
+    and checked once. One record per measurement, with its round."""
+    ours, again = bench_ours(name, args)
+    same = {k: ours[k] for k in ("impl", "card", "jax", "jaxlib")}  # the check and diagnostics: round 0 only
+    records = []
+    for i in range(args.rounds):
+        records.append({**ours, "round": 0} if i == 0 else {**same, "round": i, "median_s": again()})
+        hf = None if args.no_hf else bench_hf_subprocess(name, args)
+        if hf:
+            records.append({**hf, "round": i})
+    return records
 
 
 def bench_hf(name: str, args) -> dict | None:
@@ -171,7 +190,7 @@ def bench_hf_subprocess(name: str, args) -> dict | None:
     return json.loads(lines[-1])
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="124m,1b", help="comma-separated: 124m, 1b, tiny")
     parser.add_argument("--batch", type=int, default=64)
@@ -181,25 +200,54 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=50, help="Hugging Face's default for sampling")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure ours and the peer alternately this many times (the peer varies run to run)")
+    parser.add_argument("--no-diagnostics", action="store_true",
+                        help="skip the greedy / prefill+1 / unprepared timings (three compilations per config)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peer")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, batch 4, 16 + 16 tokens")
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)  # the child of bench_hf_subprocess
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be >= 1")
+    if args.tiny:
+        args.configs, args.batch, args.prompt_len, args.new_tokens, args.reps = "tiny", 4, 16, 16, 3
+    return args
+
+
+def _report(rows: list[dict]) -> None:
+    """The table: per config and impl, the median new tokens/s over the rounds; the speed-up of each round."""
+    print("\n| config | impl | card | new tokens/s (median of rounds) | speed-up vs HF, per round | ours: greedy "
+          "s/call, prefill+1 s, decode ms/step, s/call preparing params per call |\n|---|---|---|---|---|---|")
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = [r for r in rows if r["config"] == config]
+        for impl in dict.fromkeys(r["impl"] for r in mine):
+            runs = [r for r in mine if r["impl"] == impl]
+            ratios = [r["new_tokens_per_s"] / h["new_tokens_per_s"] for r in runs for h in mine
+                      if impl != "hf" and h["impl"] == "hf" and h["round"] == r["round"]]
+            first = runs[0]
+            extra = (f"{first['greedy_median_s']:.3f}, {first['prefill_plus_1_s']:.3f}, "
+                     f"{first['decode_step_ms']:.2f}, {first['unprepared_median_s']:.3f}"
+                     if "greedy_median_s" in first else "-")
+            print(f"| {config} | {impl} | {first['card']} | "
+                  f"{statistics.median(r['new_tokens_per_s'] for r in runs):,.0f} | "
+                  f"{', '.join(f'{x:.1f}x' for x in ratios) or '-'} | {extra} |")
+
+
+def main() -> None:
+    args = _args()
     if args.hf_worker:
         result = bench_hf(args.configs, args)
         if result:
             print(json.dumps(result), flush=True)
         return
-    if args.tiny:
-        args.configs, args.batch, args.prompt_len, args.new_tokens, args.reps = "tiny", 4, 16, 16, 3
     common = {"bench": "generate", "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
               "date": datetime.date.today().isoformat()}
     rows = []
     for name in args.configs.split(","):
-        results = [bench_ours(name, args)] + ([] if args.no_hf else [bench_hf_subprocess(name, args)])
-        for result in filter(None, results):
+        for result in measure(name, args):
             record = {**common, "config": name, **result,
                       "new_tokens_per_s": args.batch * args.new_tokens / result["median_s"]}
             rows.append(record)
@@ -208,15 +256,7 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
-    print("\n| config | impl | card | new tokens/s | median s/call | speed-up vs HF | ours: greedy s/call, "
-          "prefill+1 s, decode ms/step, s/call preparing params per call |\n|---|---|---|---|---|---|---|")
-    for row in rows:
-        hf = next((r for r in rows if r["config"] == row["config"] and r["impl"] == "hf"), None)
-        speedup = f"{row['new_tokens_per_s'] / hf['new_tokens_per_s']:.1f}x" if hf else "-"
-        extra = (f"{row['greedy_median_s']:.3f}, {row['prefill_plus_1_s']:.3f}, {row['decode_step_ms']:.2f}, "
-                 f"{row['unprepared_median_s']:.3f}" if "greedy_median_s" in row else "-")
-        print(f"| {row['config']} | {row['impl']} | {row['card']} | {row['new_tokens_per_s']:,.0f} | "
-              f"{row['median_s']:.3f} | {speedup} | {extra} |")
+    _report(rows)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,21 @@ def test_bench_generate_tiny_runs():
                             env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert '"impl": "jaxllm"' in result.stdout and "| tiny | jaxllm |" in result.stdout
+
+
+def test_bench_generate_report_gives_each_rounds_speed_up(capsys):
+    """The benchmark's table pairs ours with the peer round by round and takes the median over rounds."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = lambda impl, rnd, tok_s: {"config": "1b", "impl": impl, "round": rnd, "card": "GPU",  # noqa: E731
+                                    "new_tokens_per_s": tok_s}
+    bench._report([row("jaxllm", 0, 50_000.0), row("hf", 0, 5_000.0), row("jaxllm", 1, 54_000.0),
+                   row("hf", 1, 6_000.0), row("jaxllm", 2, 52_000.0), row("hf", 2, 4_000.0)])
+    out = capsys.readouterr().out
+    assert "| 1b | jaxllm | GPU | 52,000 | 10.0x, 9.0x, 13.0x | - |" in out
+    assert "| 1b | hf | GPU | 5,000 | - | - |" in out
