@@ -168,8 +168,8 @@ def mlp(p: Params, x: jax.Array, cfg: ModelConfig, kernel: bool = False) -> jax.
     return _dense(jax.nn.silu(gate) * up, p["w_down"], "btf,fd->btd", p, "b_down")
 
 
-# The decode MLP's down projection (rows x d_ff x d_model) as this many batched GEMMs over halves of d_ff, float32
-# partials summed by XLA with the residual, instead of cuBLAS's own split-K and its reduce kernel: ~1% per
+# The decode MLP's down projection (rows x d_ff x d_model) as this many batched GEMMs over equal slices of d_ff,
+# float32 partials summed by XLA with the residual, instead of cuBLAS's own split-K and its reduce kernel: ~1% per
 # generate call on an H200 for 1b and 124m (docs/benchmarks.md, thirteenth session).
 DECODE_DOWN_SPLITS = 2
 
