@@ -222,10 +222,10 @@ def _report(rows: list[dict]) -> None:
           "s/call, prefill+1 s, decode ms/step, s/call preparing params per call |\n|---|---|---|---|---|---|")
     for config in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == config]
+        peer = {r["round"]: r["new_tokens_per_s"] for r in mine if r["impl"] == "hf"}
         for impl in dict.fromkeys(r["impl"] for r in mine):
             runs = [r for r in mine if r["impl"] == impl]
-            ratios = [r["new_tokens_per_s"] / h["new_tokens_per_s"] for r in runs for h in mine
-                      if impl != "hf" and h["impl"] == "hf" and h["round"] == r["round"]]
+            ratios = [r["new_tokens_per_s"] / peer[r["round"]] for r in runs if impl != "hf" and r["round"] in peer]
             first = runs[0]
             extra = (f"{first['greedy_median_s']:.3f}, {first['prefill_plus_1_s']:.3f}, "
                      f"{first['decode_step_ms']:.2f}, {first['unprepared_median_s']:.3f}"
