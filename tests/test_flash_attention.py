@@ -444,6 +444,20 @@ def test_decode_step_on_gpu_falls_back_and_says_why_once(monkeypatch, caplog):
     assert len(said) == 1 and "head_dim 96" in said[0], said
 
 
+
+def test_bench_decode_step_checks_the_kernel_before_timing():
+    """scripts/bench_decode_step.py on one small point (interpret mode off a GPU, where no kernel time is seen):
+    its check of the fused step against RoPE + the float32 reference passes, and the row says what it measured."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode_step.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_step_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.measure(1, 20, types.SimpleNamespace(copies=1, calls=1))
+    assert row["rel_err"] < 1e-2 and (row["batch"], row["index"], row["cache"]) == (1, 20, 256), row
+
 PORTABLE_GPU_CASES = [  # b, t, h, kh, d, causal, dtype (several packed documents per row, a padding tail)
     (2, 384, 4, 2, 128, True, jnp.bfloat16),
     (1, 1000, 8, 1, 64, True, jnp.bfloat16),
