@@ -102,3 +102,18 @@ def test_bench_generate_report_gives_each_rounds_speed_up(capsys):
     out = capsys.readouterr().out
     assert "| 1b | jaxllm | GPU | 52,000 | 10.0x, 9.0x, 13.0x | 8.7x | - |" in out  # 52,000 / 6,000
     assert "| 1b | hf | GPU | 5,000 | - | - | - |" in out
+
+
+def test_bench_grid_barrier_says_it_needs_a_gpu(monkeypatch):
+    """scripts/bench_grid_barrier.py (Mosaic GPU kernels) stops with one line off a GPU instead of a traceback."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_grid_barrier.py"
+    spec = importlib.util.spec_from_file_location("bench_grid_barrier_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["bench_grid_barrier.py"])
+    with pytest.raises(SystemExit, match="needs a Hopper GPU"):
+        bench.main()
