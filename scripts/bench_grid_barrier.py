@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import time_fn  # noqa: E402 (median seconds after two warm-ups)
 from bench_decode_step import kernel_us  # noqa: E402 (mean profiler kernel time)
 
 R, C, SLOTS = 32, 128, 8  # a block: 32 x 128 bf16 (8 KB); blocks in flight per ring
@@ -120,14 +119,7 @@ def phase_kernel(mode: str, ctas: int):
 
 def wall_us(fn, args, iters: int = 30) -> float:
     """Median wall microseconds per call after two warm-ups."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return time_fn(fn, args, iters) * 1e6
 
 
 def barrier_rows(ctas: int, rounds: int) -> list[dict]:
