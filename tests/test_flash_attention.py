@@ -16,6 +16,7 @@ import pytest
 from jaxllm.kernels.flash_attention import pallas_gpu, reference
 from jaxllm.models import attention as attention_mod
 from jaxllm.models import transformer
+from tests.conftest import load_script
 from tests.test_flash_mosaic import assert_matches_reference
 
 F32_TOL = 1e-5
@@ -444,19 +445,12 @@ def test_decode_step_on_gpu_falls_back_and_says_why_once(monkeypatch, caplog):
     assert len(said) == 1 and "head_dim 96" in said[0], said
 
 
-
 def test_bench_decode_step_checks_the_kernel_before_timing():
     """scripts/bench_decode_step.py on one small point (interpret mode off a GPU, where no kernel time is seen):
     its check of the fused step against RoPE + the float32 reference passes, and the row says what it measured."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode_step.py"
-    spec = importlib.util.spec_from_file_location("bench_decode_step_for_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    row = bench.measure(1, 20, types.SimpleNamespace(copies=1, calls=1))
+    row = load_script("bench_decode_step").measure(1, 20, types.SimpleNamespace(copies=1, calls=1))
     assert row["rel_err"] < 1e-2 and (row["batch"], row["index"], row["cache"]) == (1, 20, 256), row
+
 
 PORTABLE_GPU_CASES = [  # b, t, h, kh, d, causal, dtype (several packed documents per row, a padding tail)
     (2, 384, 4, 2, 128, True, jnp.bfloat16),

@@ -12,6 +12,7 @@ import yaml
 from jaxllm import checkpoint, cli, config as config_lib, models
 from jaxllm.data import tokenizer as tokenizers
 from jaxllm.rl import sampling
+from tests.conftest import load_script
 
 MODEL = {"model.vocab_size": 300, "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
          "model.n_kv_heads": 1, "model.d_ff": 64, "model.max_seq_len": 48, "model.dtype": "float32",
@@ -88,13 +89,7 @@ def test_bench_generate_tiny_runs():
 def test_bench_generate_report_gives_each_rounds_speed_up(capsys):
     """The benchmark's table pairs ours with the peer round by round, takes the median over rounds, and gives
     ours against the peer's fastest round."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generate.py"
-    spec = importlib.util.spec_from_file_location("bench_generate_for_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_generate")
     row = lambda impl, rnd, tok_s: {"config": "1b", "impl": impl, "round": rnd, "card": "GPU",  # noqa: E731
                                     "new_tokens_per_s": tok_s}
     bench._report([row("jaxllm", 0, 50_000.0), row("hf", 0, 5_000.0), row("jaxllm", 1, 54_000.0),
@@ -106,14 +101,9 @@ def test_bench_generate_report_gives_each_rounds_speed_up(capsys):
 
 def test_bench_grid_barrier_says_it_needs_a_gpu(monkeypatch):
     """scripts/bench_grid_barrier.py (Mosaic GPU kernels) stops with one line off a GPU instead of a traceback."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_grid_barrier.py"
-    spec = importlib.util.spec_from_file_location("bench_grid_barrier_for_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_grid_barrier")
     monkeypatch.setattr(sys, "argv", ["bench_grid_barrier.py"])
     with pytest.raises(SystemExit, match="needs a Hopper GPU"):
         bench.main()
