@@ -64,8 +64,8 @@ def rel_error(fixed: dict, cache: tuple) -> float:
 def kernel_us(fn, arg, calls: int, per_call: int, name: str | None, feed_back: bool) -> tuple[float, object]:
     """Mean GPU microseconds per kernel named `name` (None: every kernel) over `calls` calls of fn, each running
     per_call of them, and the argument after them; feed_back: fn's result is its next argument (donated caches)."""
-    for _ in range(calls + 2):  # two warm-ups (compilation out), then the profiled calls
-        if _ == 2:
+    for i in range(calls + 2):  # two warm-ups (compilation out), then the profiled calls
+        if i == 2:
             trace_dir = tempfile.mkdtemp()
             jax.profiler.start_trace(trace_dir)
         out = jax.block_until_ready(fn(arg))
@@ -77,6 +77,7 @@ def kernel_us(fn, arg, calls: int, per_call: int, name: str | None, feed_back: b
 
 
 def measure(b: int, index: int, args) -> dict:
+    """One row: the check, then the kernel's and the read-only pass's GPU time at batch b, `index` columns."""
     fixed, caches = case(b, index, args.copies)
     err = rel_error(fixed, caches[0])
     f = fixed
