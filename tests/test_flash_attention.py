@@ -334,18 +334,6 @@ def _norm_input(rng, b, d_model, dtype=jnp.float32):
     return jnp.asarray(x, dtype), 1.0 / np.sqrt(np.mean(x * x, axis=-1) + 1e-5)
 
 
-def _step_oracle(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index):
-    """transformer.rope on q and k, the cache write, then the reference attention, in float32."""
-    kh = cache_k.shape[2]
-    qkv = qkv.astype(jnp.float32)[:, None]
-    q, k = (transformer.rope(x, q_pos, 10000.0) for x in (qkv[:, :, :h], qkv[:, :, h:h + kh]))
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k.astype(jnp.float32), k, index, axis=1)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v.astype(jnp.float32), qkv[:, :, h + kh:], index, axis=1)
-    out = reference.attention(q, cache_k, cache_v, segment_ids=jnp.ones((q.shape[0], 1), jnp.int32),
-                              kv_segment_ids=kv_seg, q_positions=q_pos, kv_positions=kv_pos)
-    return out[:, 0], cache_k, cache_v
-
-
 @pytest.mark.parametrize("b,s,h,kh,d,index", [(3, 64, 4, 2, 64, 40), (2, 32, 16, 2, 128, 17), (1, 16, 8, 1, 32, 1),
                                                (2, 48, 32, 4, 64, 30), (2, 32, 4, 4, 16, 31), (2, 32, 12, 4, 16, 9)])
 def test_decode_step_matches_rope_cache_write_and_reference(b, s, h, kh, d, index):
@@ -355,7 +343,7 @@ def test_decode_step_matches_rope_cache_write_and_reference(b, s, h, kh, d, inde
 
     qkv, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg = _step_case(np.random.default_rng(s + h), b, s, h, kh,
                                                                         d, index, jnp.float32)
-    want = _step_oracle(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)
+    want = reference.decode_step(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)
     for pad in (False, True):  # 16/32/64 query heads: the whole row's query, or gathered per KV head
         got = decode.decode_step(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg, jnp.int32(index),
                                  interpret=True, pad=pad)
@@ -363,7 +351,7 @@ def test_decode_step_matches_rope_cache_write_and_reference(b, s, h, kh, d, inde
             np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), rtol=1e-5, atol=1e-5)
     # With norm_x, qkv is the projection of the un-normed input: the kernel scales it by its RMSNorm factor.
     x, scale = _norm_input(np.random.default_rng(index), b, 48)
-    want = _step_oracle(qkv * scale[:, None, None], h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)
+    want = reference.decode_step(qkv * scale[:, None, None], h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)
     got = decode.decode_step(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg, jnp.int32(index),
                              norm_x=x, eps=1e-5, interpret=True)
     for got_x, want_x in zip(got, want):
@@ -390,7 +378,7 @@ def test_decode_step_on_gpu_matches_reference():
     for b, s, h, kh, d, index in [(64, 256, 16, 8, 128, 200), (8, 512, 32, 4, 64, 300), (4, 64, 16, 1, 128, 63),
                                   (64, 256, 12, 12, 64, 130), (4, 128, 12, 4, 128, 77)]:
         qkv, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg = _step_case(rng, b, s, h, kh, d, index, jnp.bfloat16)
-        want = _step_oracle(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)
+        want = reference.decode_step(qkv, h, cache_k, cache_v, q_pos, kv_pos, kv_seg, index)
         for pad in (False, True):
             got = step(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg, jnp.int32(index), pad=pad)
             err = float(jnp.linalg.norm(got[0].astype(jnp.float32) - want[0]) / jnp.linalg.norm(want[0]))
@@ -399,8 +387,8 @@ def test_decode_step_on_gpu_matches_reference():
                 want_c = np.asarray(want_c.astype(jnp.bfloat16).astype(jnp.float32))
                 np.testing.assert_allclose(np.asarray(got_c.astype(jnp.float32)), want_c, rtol=1e-2, atol=1e-2)
         x, scale = _norm_input(rng, b, 2048, jnp.bfloat16)  # the in-kernel RMSNorm scale (folded norm weights)
-        want = _step_oracle(qkv.astype(jnp.float32) * scale[:, None, None], h, cache_k, cache_v, q_pos, kv_pos,
-                            kv_seg, index)
+        want = reference.decode_step(qkv.astype(jnp.float32) * scale[:, None, None], h, cache_k, cache_v, q_pos,
+                                     kv_pos, kv_seg, index)
         got = jax.jit(decode.decode_step, static_argnums=1)(qkv, h, cos, sin, cache_k, cache_v, q_pos, kv_pos,
                                                             kv_seg, jnp.int32(index), norm_x=x)
         err = float(jnp.linalg.norm(got[0].astype(jnp.float32) - want[0]) / jnp.linalg.norm(want[0]))

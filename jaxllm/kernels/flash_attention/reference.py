@@ -69,3 +69,21 @@ def attention(
     probs = probs / jnp.where(denom == 0.0, 1.0, denom)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def decode_step(qkv: jax.Array, n_heads: int, cache_k: jax.Array, cache_v: jax.Array, q_positions: jax.Array,
+                kv_positions: jax.Array, kv_segment_ids: jax.Array, index, theta: float = 10000.0):
+    """The float32 oracle of `decode.decode_step` (without norm_x): transformer.rope on the new query and key of
+    qkv [B, H+2K, D], the new key and value written into the cache [B, S, K, D] at column `index`, then
+    `attention` over the cache. Returns (attention [B, H, D], cache_k, cache_v), float32."""
+    from jaxllm.models.transformer import rope  # noqa: PLC0415 (transformer imports the kernels)
+
+    kh = cache_k.shape[2]
+    qkv = qkv.astype(jnp.float32)[:, None]
+    q, k = (rope(x, q_positions, theta) for x in (qkv[:, :, :n_heads], qkv[:, :, n_heads:n_heads + kh]))
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k.astype(jnp.float32), k, index, axis=1)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v.astype(jnp.float32), qkv[:, :, n_heads + kh:], index,
+                                                  axis=1)
+    out = attention(q, cache_k, cache_v, segment_ids=jnp.ones((q.shape[0], 1), jnp.int32),
+                    kv_segment_ids=kv_segment_ids, q_positions=q_positions, kv_positions=kv_positions)
+    return out[:, 0], cache_k, cache_v
