@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for the torch peer
 
@@ -119,18 +119,17 @@ def bench_ours(name: str, args) -> tuple[dict, Callable[[], float]]:
     return record, lambda: timed(run(config), args.reps)
 
 
-def measure(name: str, args) -> list[dict]:
+def measure(name: str, args) -> Iterator[dict]:
     """Ours and the peer alternately, --rounds times (the peer's speed varies from run to run); ours is compiled
-    and checked once. One record per measurement, with its round."""
+    and checked once. Yields one record per measurement, with its round, as soon as it is taken (a run cut off
+    by a time limit keeps what it measured)."""
     ours, again = bench_ours(name, args)
     same = {k: ours[k] for k in ("impl", "card", "jax", "jaxlib")}  # the check and diagnostics: round 0 only
-    records = []
     for i in range(args.rounds):
-        records.append({**ours, "round": 0} if i == 0 else {**same, "round": i, "median_s": again()})
+        yield {**ours, "round": 0} if i == 0 else {**same, "round": i, "median_s": again()}
         hf = None if args.no_hf else bench_hf_subprocess(name, args)
         if hf:
-            records.append({**hf, "round": i})
-    return records
+            yield {**hf, "round": i}
 
 
 def bench_hf(name: str, args) -> dict | None:
@@ -164,12 +163,47 @@ def bench_hf(name: str, args) -> dict | None:
         assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
 
     seconds = timed(run, args.reps)
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    del model
+    record = {"impl": "hf", "median_s": seconds, "card": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "torch": torch.__version__, "transformers": transformers.__version__}
     if device == "cuda":
+        record["kernel_s"] = profiled_kernel_seconds(run)
+        del model
         torch.cuda.empty_cache()
-    return {"impl": "hf", "median_s": seconds, "card": card, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return record
+
+
+def profiled_kernel_seconds(run: Callable[[], None]) -> float:
+    """The peer's GPU time in one call of run(): the summed durations of its kernels, copies and fills in a
+    torch.profiler trace. Against the call's wall time it says whether the card or the host sets the peer's speed."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+        prof.export_chrome_trace(path)
+        return trace_gpu_seconds(path)
+
+
+def trace_gpu_seconds(path: str) -> float:
+    """Seconds of GPU work in a Chrome trace (torch.profiler's export): the 'dur' (us) of its complete events in
+    the kernel, gpu_memcpy and gpu_memset categories."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    gpu = {"kernel", "gpu_memcpy", "gpu_memset"}
+    return 1e-6 * sum(e.get("dur", 0) for e in events if e.get("ph") == "X" and e.get("cat") in gpu)
+
+
+def host_cpu() -> str:
+    """The host's CPU model and core count: the peer's Python-side overhead depends on them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        model = "?"
+    return f"{model} x {os.cpu_count()}"
 
 
 def bench_hf_subprocess(name: str, args) -> dict | None:
@@ -218,10 +252,11 @@ def _args() -> argparse.Namespace:
 
 def _report(rows: list[dict]) -> None:
     """The table: per config and impl, the median new tokens/s over the rounds; the speed-up of each round, and
-    of ours (median) over the peer's fastest round (the conservative ratio: the peer's speed varies most)."""
+    of ours (median) over the peer's fastest round (the conservative ratio: the peer's speed varies most); for
+    the peer, the share of each round's call that its GPU was busy."""
     print("\n| config | impl | card | new tokens/s (median of rounds) | speed-up vs HF, per round | vs HF's fastest "
-          "round | ours: greedy s/call, prefill+1 s, decode ms/step, s/call preparing params per call |\n"
-          "|---|---|---|---|---|---|---|")
+          "round | ours: greedy s/call, prefill+1 s, decode ms/step, s/call preparing params per call | "
+          "HF: GPU busy per round |\n|---|---|---|---|---|---|---|---|")
     for config in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == config]
         peer = {r["round"]: r["new_tokens_per_s"] for r in mine if r["impl"] == "hf"}
@@ -234,8 +269,9 @@ def _report(rows: list[dict]) -> None:
             extra = (f"{first['greedy_median_s']:.3f}, {first['prefill_plus_1_s']:.3f}, "
                      f"{first['decode_step_ms']:.2f}, {first['unprepared_median_s']:.3f}"
                      if "greedy_median_s" in first else "-")
+            busy = ", ".join(f"{r['kernel_s'] / r['median_s']:.0%}" for r in runs if "kernel_s" in r) or "-"
             print(f"| {config} | {impl} | {first['card']} | {median:,.0f} | "
-                  f"{', '.join(f'{x:.1f}x' for x in ratios) or '-'} | {worst} | {extra} |")
+                  f"{', '.join(f'{x:.1f}x' for x in ratios) or '-'} | {worst} | {extra} | {busy} |")
 
 
 def main() -> None:
@@ -247,7 +283,7 @@ def main() -> None:
         return
     common = {"bench": "generate", "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-              "date": datetime.date.today().isoformat()}
+              "date": datetime.date.today().isoformat(), "host_cpu": host_cpu()}
     rows = []
     for name in args.configs.split(","):
         for result in measure(name, args):

@@ -92,11 +92,25 @@ def test_bench_generate_report_gives_each_rounds_speed_up(capsys):
     bench = load_script("bench_generate")
     row = lambda impl, rnd, tok_s: {"config": "1b", "impl": impl, "round": rnd, "card": "GPU",  # noqa: E731
                                     "new_tokens_per_s": tok_s}
-    bench._report([row("jaxllm", 0, 50_000.0), row("hf", 0, 5_000.0), row("jaxllm", 1, 54_000.0),
-                   row("hf", 1, 6_000.0), row("jaxllm", 2, 52_000.0), row("hf", 2, 4_000.0)])
+    peer = [row("hf", i, tok_s) for i, tok_s in enumerate((5_000.0, 6_000.0, 4_000.0))]
+    for r, kernel_s in zip(peer, (0.5, 0.25, 1.0)):
+        r.update(median_s=1.0, kernel_s=kernel_s)  # seconds of GPU work in a 1-second call
+    bench._report([row("jaxllm", 0, 50_000.0), peer[0], row("jaxllm", 1, 54_000.0), peer[1],
+                   row("jaxllm", 2, 52_000.0), peer[2]])
     out = capsys.readouterr().out
-    assert "| 1b | jaxllm | GPU | 52,000 | 10.0x, 9.0x, 13.0x | 8.7x | - |" in out  # 52,000 / 6,000
-    assert "| 1b | hf | GPU | 5,000 | - | - | - |" in out
+    assert "| 1b | jaxllm | GPU | 52,000 | 10.0x, 9.0x, 13.0x | 8.7x | - | - |" in out  # 52,000 / 6,000
+    assert "| 1b | hf | GPU | 5,000 | - | - | - | 50%, 25%, 100% |" in out
+
+
+def test_bench_generate_sums_the_peers_gpu_time_from_a_trace(tmp_path):
+    """The peer's GPU time is the sum of its kernel, copy and fill events in a Chrome trace, nothing else."""
+    bench = load_script("bench_generate")
+    events = [{"ph": "X", "cat": "kernel", "dur": 1500}, {"ph": "X", "cat": "gpu_memcpy", "dur": 250},
+              {"ph": "X", "cat": "gpu_memset", "dur": 50}, {"ph": "X", "cat": "cpu_op", "dur": 9000},
+              {"ph": "X", "cat": "cuda_runtime", "dur": 700}, {"ph": "i", "cat": "kernel"}]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert bench.trace_gpu_seconds(str(path)) == pytest.approx(1.8e-3, rel=1e-12)
 
 
 def test_bench_grid_barrier_says_it_needs_a_gpu(monkeypatch):
