@@ -190,7 +190,7 @@ def load_policy(run_dir: str):
         log.warning("policy.run=%s is not an SFT run; rendering prompts with the default chat template", run_dir)
         template = formats.ChatTemplate()
     tok = runs.load_tokenizer(run_dir)
-    params, step = runs.load_params(run_dir, model_cfg)
+    params, step = runs.load_params(run_dir, model_cfg, what="policy.run")
     log.info("policy and reference from %s (step %d)", run_dir, step)
     return model_cfg, tok, params, template
 
@@ -317,7 +317,7 @@ def run(cfg: PPOStageConfig) -> Path:
     if resuming and mgr_dir.is_dir():
         steps = [int(p.name) for p in mgr_dir.iterdir() if p.name.isdigit()]
         start = max(steps, default=0)
-    loop.trim_metrics(run_dir, start)
+    loop.trim_logs(run_dir, start)
     runlog = RunLog(run_dir, total=cfg.train.steps, initial=start, progress=cfg.train.progress)
     if start:
         runlog.say(f"resuming {run_dir} at iteration {start}")

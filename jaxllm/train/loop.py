@@ -63,12 +63,13 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, *, compare: tuple[str, ...] =
     return False
 
 
-def trim_metrics(run_dir: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint we resume from, so metrics.jsonl has each step once."""
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+def trim_logs(run_dir: Path, step: int) -> None:
+    """Drop metric and sample lines past the checkpoint we resume from, so each step appears once."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in lines))
 
 
 @contextlib.contextmanager
@@ -77,6 +78,8 @@ def _stop_on_signal():
     previous = {}
 
     def handler(signum, _frame):
+        if flag["stop"] and signum == signal.SIGINT:  # a second Ctrl-C: abort now, without the save
+            raise KeyboardInterrupt
         flag["stop"] = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -117,7 +120,7 @@ def fit(*, run_dir: Path, state: TrainState, hooks: Hooks, steps: int, ckpt_cfg,
     # Several hosts: process 0 owns run_dir's logs; the others log under run_dir/hosts/<index>.
     log_dir = run_dir if jax.process_index() == 0 else run_dir / "hosts" / str(jax.process_index())
     log_dir.mkdir(parents=True, exist_ok=True)
-    trim_metrics(log_dir, start)
+    trim_logs(log_dir, start)
     runlog = RunLog(log_dir, total=steps, initial=start, progress=train_cfg.progress and jax.process_index() == 0)
     meta = {"data_fingerprint": hooks.data_fingerprint}
 
@@ -127,32 +130,38 @@ def fit(*, run_dir: Path, state: TrainState, hooks: Hooks, steps: int, ckpt_cfg,
 
     pending: list[dict] = []
     last_log, last_step = time.perf_counter(), start
+
+    def flush(step: int, batch_tokens: int) -> None:  # log the pending steps; this is where a NaN is caught
+        nonlocal pending, last_log, last_step
+        now = time.perf_counter()
+        _log_train(runlog, step, pending, tokens_in=batch_tokens * (step - last_step), seconds=now - last_log)
+        pending, last_log, last_step = [], now, step
+
     try:
         with _stop_on_signal() as flag:
             for step in range(start + 1, steps + 1):
                 batch = hooks.put_batch(next(hooks.batches))
                 state, metrics = hooks.train_step(state, batch)
                 pending.append(metrics)
-                # Log (and so check for NaN) at least whenever a checkpoint is due: none holds a NaN state.
                 if step == train_cfg.stop_at:
                     flag["stop"] = True
-                due = step % ckpt_cfg.every == 0 or step == steps or flag["stop"]
-                if step % train_cfg.log_every == 0 or due:
-                    now = time.perf_counter()
-                    _log_train(runlog, step, pending, tokens_in=batch["tokens"].size * (step - last_step),
-                               seconds=now - last_log)
-                    pending, last_log, last_step = [], now, step
-                else:
-                    runlog.progress(1)
+                runlog.progress(1)
+                if step % train_cfg.log_every == 0:
+                    flush(step, batch["tokens"].size)
                 if hooks.evaluate and (step % train_cfg.eval_every == 0 or step == steps):
                     ev = runlog.write(step, hooks.evaluate(state.params), prefix="eval")
                     runlog.say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in ev.items()))
                 if hooks.sample and ((train_cfg.sample_every and step % train_cfg.sample_every == 0)
                                      or step == steps):
                     _write_samples(log_dir, runlog, step, hooks.sample(state.params, step))
-                if due:
+                # A signal may have landed in any blocking call above (the metrics fetch, eval, samples):
+                # read the flag once, after them, so that a stop always saves the step it reports.
+                stop = flag["stop"]
+                if step % ckpt_cfg.every == 0 or step == steps or stop:
+                    if pending:  # no checkpoint holds a state whose loss was not checked
+                        flush(step, batch["tokens"].size)
                     save(step)
-                if flag["stop"]:
+                if stop:
                     runlog.say(f"stopped at step {step}: checkpoint saved; run the same command to resume")
                     break
     finally:
@@ -170,7 +179,7 @@ def _log_train(runlog: RunLog, step: int, pending: list[dict], *, tokens_in: int
                             "Lower optim.lr, raise optim.warmup_steps or check the data")
     metrics["tokens_per_s"] = tokens_in / max(seconds, 1e-9)
     runlog.write(step, metrics)
-    runlog.progress(1, loss=metrics["loss"], lr=metrics.get("lr", 0.0), tok_s=int(metrics["tokens_per_s"]))
+    runlog.progress(0, loss=metrics["loss"], lr=metrics.get("lr", 0.0), tok_s=int(metrics["tokens_per_s"]))
 
 
 def _write_samples(run_dir: Path, runlog: RunLog, step: int, samples: list[dict]) -> None:
