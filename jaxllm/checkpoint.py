@@ -20,7 +20,10 @@ class CheckpointError(ValueError):
 def manager(directory: str | Path, *, keep: int, use_async: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
                                            create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    # Naming each item's handler lets item_metadata() read them all (without it Orbax warns per item).
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, *, data_state: dict | None = None,
