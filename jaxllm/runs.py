@@ -40,15 +40,26 @@ def model_config(run_dir: str | Path, what: str = "--run") -> ModelConfig:
     raise config_lib.ConfigError(f"{path} has no model section and no policy.run; is {run_dir} a jaxllm run?")
 
 
-def load_params(run_dir: str | Path, model_cfg) -> tuple[dict, int]:
-    """Parameters of the latest checkpoint of run_dir (float32), and its step. For a PPO run: the policy's."""
+def kind(run_dir: str | Path) -> str:
+    """Which stage made run_dir: pretrain | sft | reward | ppo (read from the sections of its config.yaml)."""
+    saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    if "policy" in saved:
+        return "ppo"
+    if "pooling" in saved:
+        return "reward"
+    return "sft" if "init" in saved else "pretrain"
+
+
+def load_params(run_dir: str | Path, model_cfg, what: str = "--run") -> tuple[dict, int]:
+    """Parameters of the latest checkpoint of run_dir (float32), and its step. For a PPO run: the policy's.
+
+    A reward-model run holds a backbone with a scalar head, not a language model: refused, naming its kind."""
+    run_kind = kind(run_dir)
+    if run_kind == "reward":
+        raise config_lib.ConfigError(
+            f"{what}={run_dir} is a reward-model run (a backbone with a scalar head); this needs a language-model "
+            "run: a pretrain, sft or ppo run")
     _, abstract = models.abstract(model_cfg)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-    directory = Path(run_dir) / "checkpoints"
-    try:
-        return checkpoint.restore_params(directory, abstract)
-    except checkpoint.CheckpointError:
-        if not (Path(run_dir) / "config.yaml").is_file() or "policy" not in yaml.safe_load(
-                (Path(run_dir) / "config.yaml").read_text()):
-            raise
-        return checkpoint.restore_params(directory, abstract, key="policy_params")
+    key = "policy_params" if run_kind == "ppo" else "params"
+    return checkpoint.restore_params(Path(run_dir) / "checkpoints", abstract, key=key)

@@ -281,6 +281,11 @@ def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
     tokens[1, 40 - len(body):], segment_ids[1, 40 - len(body):] = body, 1  # left-padded
     ppo_scores = reward.ppo_score_fn(run_dir)({"tokens": tokens, "segment_ids": segment_ids})
     np.testing.assert_allclose(np.asarray(ppo_scores), [(direct - st["mean"]) / st["std"]] * 2, rtol=1e-4, atol=1e-4)
+    # A stage that needs a language model names the run's kind instead of a missing checkpoint entry.
+    from jaxllm.stages import sft
+
+    with pytest.raises(config_lib.ConfigError, match=r"init.run=.* is a reward-model run .* needs a language-model run"):
+        sft.resolve(sft.load(None, [f"init.run={run_dir}"]))
 
 
 def test_tiny_reward_model_generalises_to_held_out_modules(tmp_path):

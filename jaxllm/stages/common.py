@@ -59,7 +59,7 @@ def start(model_cfg: ModelConfig, init: InitConfig, template: formats.ChatTempla
     if init.run:
         model_cfg = run_model_config(init.run)
         tok = runs.load_tokenizer(init.run)
-        params, step = runs.load_params(init.run, model_cfg)
+        params, step = runs.load_params(init.run, model_cfg, what="init.run")
         log.info("starting from %s (step %d)", init.run, step)
     else:
         tok = corpus.get_tokenizer(DataConfig(tokenizer=tokenizer, max_documents=max_documents),
