@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.kernels.flash_attention import decode, reference
-from jaxllm.models import transformer
+from jaxllm.models import rope
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_generate import gpu_events  # noqa: E402 ((line, name, start ns, duration ns) of a trace's GPU events)
@@ -39,7 +39,7 @@ def case(b: int, index: int, copies: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     bf16 = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)  # noqa: E731
     positions = jnp.full((b, 1), index, jnp.int32)
-    cos, sin = (t[:, 0] for t in transformer.rope_tables(positions, D, 10000.0))  # [B, D/2] each
+    cos, sin = (t[:, 0] for t in rope.rope_tables(positions, D, 10000.0))  # [B, D/2] each
     fixed = dict(qkv=bf16(b, H + 2 * KH, D), cos=cos, sin=sin, q_positions=positions,
                  kv_positions=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b, S)),
                  kv_segment_ids=jnp.ones((b, S), jnp.int32), index=jnp.int32(index))

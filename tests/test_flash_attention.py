@@ -15,7 +15,7 @@ import pytest
 
 from jaxllm.kernels.flash_attention import pallas_gpu, reference
 from jaxllm.models import attention as attention_mod
-from jaxllm.models import transformer
+from jaxllm.models import rope
 from tests.conftest import load_script
 from tests.test_flash_mosaic import assert_matches_reference
 
@@ -323,7 +323,7 @@ def _step_case(rng, b, s, h, kh, d, index, dtype):
     kv_pos = jnp.asarray(np.maximum(cols - pad[:, None], 0), jnp.int32)
     kv_seg = jnp.asarray((cols >= pad[:, None]) & (cols < max(index + 1, s - 3)), jnp.int32)
     q_pos = kv_pos[:, index:index + 1]  # the new token sits at column index
-    cos, sin = transformer.rope_tables(q_pos[:, 0], d, 10000.0)
+    cos, sin = rope.rope_tables(q_pos[:, 0], d, 10000.0)
     return qkv, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib, losses, models
-from jaxllm.models import transformer
+from jaxllm.models import rope, transformer
 from tests.conftest import TINY_MODEL
 
 
@@ -89,8 +89,8 @@ def test_rope_scores_depend_only_on_offset():
     k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
 
     def score(m, n):
-        qm = transformer.rope(q, jnp.array([[m]]), 10000.0)
-        kn = transformer.rope(k, jnp.array([[n]]), 10000.0)
+        qm = rope.rope(q, jnp.array([[m]]), 10000.0)
+        kn = rope.rope(k, jnp.array([[n]]), 10000.0)
         return float(jnp.sum(qm * kn))
 
     for m, n, shift in [(5, 2, 17), (0, 0, 100), (9, 30, 3)]:

@@ -17,6 +17,7 @@ from jaxllm.config import ModelConfig, head_dim
 from jaxllm.kernels import swiglu
 from jaxllm.models import attention as attention_lib
 from jaxllm.models.attention import attention
+from jaxllm.models.rope import rope, rope_tables
 from jaxllm.parallel.rules import constrain
 
 Params = dict[str, Any]
@@ -94,24 +95,6 @@ def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (x32 if weight is None else x32 * weight).astype(x.dtype)
-
-
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, D/2] float32 of the RoPE angles at positions [B, T]."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [D/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half RoPE (the Hugging Face Llama layout). x: [B, T, N, D]; positions: [B, T]."""
-    d = x.shape[-1]
-    cos, sin = rope_tables(positions, d, theta)
-    cos = jnp.concatenate([cos] * 2, axis=-1)[:, :, None, :]  # [B, T, 1, D]
-    sin = jnp.concatenate([sin] * 2, axis=-1)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    rotated = jnp.concatenate([-x32[..., d // 2:], x32[..., : d // 2]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 def _dense(x: jax.Array, w: jax.Array, eq: str, p: Params, bias: str | None) -> jax.Array:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.models.rope import rope
+
 
 def mask(
     q_len: int,
@@ -73,11 +75,9 @@ def attention(
 
 def decode_step(qkv: jax.Array, n_heads: int, cache_k: jax.Array, cache_v: jax.Array, q_positions: jax.Array,
                 kv_positions: jax.Array, kv_segment_ids: jax.Array, index, theta: float = 10000.0):
-    """The float32 oracle of `decode.decode_step` (without norm_x): transformer.rope on the new query and key of
+    """The float32 oracle of `decode.decode_step` (without norm_x): rope.rope on the new query and key of
     qkv [B, H+2K, D], the new key and value written into the cache [B, S, K, D] at column `index`, then
     `attention` over the cache. Returns (attention [B, H, D], cache_k, cache_v), float32."""
-    from jaxllm.models.transformer import rope  # noqa: PLC0415 (transformer imports the kernels)
-
     kh = cache_k.shape[2]
     qkv = qkv.astype(jnp.float32)[:, None]
     q, k = (rope(x, q_positions, theta) for x in (qkv[:, :, :n_heads], qkv[:, :, n_heads:n_heads + kh]))
