@@ -151,7 +151,7 @@ def generate_cmd(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.prompt and not args.prompts:
         parser.error("give --prompt TEXT (repeatable) or --prompts FILE.jsonl")
-    from jaxllm.rl import sampling, textgen
+    from jaxllm.generate import sampling, textgen
 
     prompts = list(args.prompt or []) + (textgen.read_prompts(args.prompts) if args.prompts else [])
     config = sampling.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -1,4 +1,4 @@
-"""Benchmark KV-cache generation: new tokens/s of `jaxllm.rl.sampling.generate` against Hugging Face
+"""Benchmark KV-cache generation: new tokens/s of `jaxllm.generate.sampling.generate` against Hugging Face
 `LlamaForCausalLM.generate()` (randomly initialised, same shape, bf16) on the same card in the same run.
 
   python scripts/bench_generate.py                      # 124m and 1b, batch 64, prompt 128, 128 new tokens
@@ -35,7 +35,7 @@ from flax import nnx  # noqa: E402
 
 from jaxllm import config as config_lib, models  # noqa: E402
 from jaxllm.models import transformer  # noqa: E402
-from jaxllm.rl import sampling  # noqa: E402
+from jaxllm.generate import sampling  # noqa: E402
 
 # The model shapes of shared BENCHMARKS.md (configs/124m.yaml, configs/1b.yaml).
 SHAPES = {

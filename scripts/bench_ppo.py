@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 
 from jaxllm import config as config_lib, models, optim  # noqa: E402
 from jaxllm.models import heads  # noqa: E402
-from jaxllm.rl import ppo, ppo_loop, sampling  # noqa: E402
+from jaxllm.generate import sampling  # noqa: E402
+from jaxllm.rl import ppo, ppo_loop  # noqa: E402
 from jaxllm.stages.ppo import make_generate  # noqa: E402
 
 TINY = ["model.vocab_size=256", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_generate  # noqa: E402
-from jaxllm.rl import sampling  # noqa: E402
+from jaxllm.generate import sampling  # noqa: E402
 
 
 def gpu_events(trace_dir: str) -> list[tuple[str, str, int, int]]:

@@ -11,7 +11,7 @@ import yaml
 
 from jaxllm import checkpoint, cli, config as config_lib, models
 from jaxllm.data import tokenizer as tokenizers
-from jaxllm.rl import sampling
+from jaxllm.generate import sampling
 from tests.conftest import load_script
 
 MODEL = {"model.vocab_size": 300, "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,

@@ -20,8 +20,8 @@ from jaxllm import config as config_lib, models
 from jaxllm.config import ConfigError
 from jaxllm.data.pipeline import DataError
 from jaxllm.models import transformer
-from jaxllm.rl import kv_cache, sampling
-from jaxllm.rl.sampling import SamplingConfig
+from jaxllm.generate import kv_cache, sampling
+from jaxllm.generate.sampling import SamplingConfig
 
 LOGIT_TOL = dict(rtol=1e-4, atol=1e-4)
 BF16_LOGIT_TOL = dict(rtol=2e-2, atol=5e-2)  # bf16 keeps 8 mantissa bits: a rounding flip moves a logit ~1e-2
@@ -333,7 +333,7 @@ MESH_SCRIPT = textwrap.dedent(r"""
     from jax.sharding import NamedSharding
     from jaxllm import config as config_lib, models
     from jaxllm.parallel import rules
-    from jaxllm.rl import sampling
+    from jaxllm.generate import sampling
     from tests.test_sampling import MODEL, PROMPTS
     cfg = config_lib.replace(config_lib.Config(), **MODEL).model
     graphdef, params = models.init(cfg, 0)

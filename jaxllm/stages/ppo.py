@@ -6,7 +6,7 @@ see rl/rewards.py); the critic is the reward model's backbone + head (critic.ini
 policy's backbone with a fresh head (critic.init=policy), or a value head on the policy itself
 (critic.init=head). Prompts: the built-in instruction set's instructions (data.path=builtin) or a JSONL of
 {"prompt": ...} lines, rendered as a user turn plus the assistant prefix with the SFT run's chat template.
-Rollouts use the KV-cache sampler (rl/sampling.py) behind ppo_loop's `generate` interface; the math and the
+Rollouts use the KV-cache sampler (generate/sampling.py) behind ppo_loop's `generate` interface; the math and the
 update are rl/ppo.py, the iteration rl/ppo_loop.py.
 
 Run layout, runs/<train.name>/: config.yaml (resolved; `model` is the policy's), tokenizer.json,
@@ -33,7 +33,8 @@ from jaxllm.data.pipeline import DataError
 from jaxllm.logging import RunLog
 from jaxllm.models import heads
 from jaxllm.parallel import mesh as mesh_lib, rules
-from jaxllm.rl import ppo, ppo_loop, rewards, sampling, textgen
+from jaxllm.generate import sampling, textgen
+from jaxllm.rl import ppo, ppo_loop, rewards
 from jaxllm.rl.ppo import PPOConfig
 from jaxllm.stages import common, reward as reward_stage, sft
 from jaxllm.train import loop

@@ -14,7 +14,7 @@ from jaxllm.config import Config
 from jaxllm.data import corpus, pipeline, shards, tokenizer as tokenizers
 from jaxllm.models import transformer
 from jaxllm.parallel import memory, mesh as mesh_lib, rules
-from jaxllm.rl import sampling
+from jaxllm.generate import sampling
 from jaxllm.train import loop, state as state_lib, step as step_lib
 
 log = logging.getLogger(__name__)

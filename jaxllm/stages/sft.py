@@ -28,7 +28,7 @@ from jaxllm import config as config_lib, models, optim
 from jaxllm.config import CheckpointConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxllm.data import formats, instructions, tokenizer as tokenizers
 from jaxllm.data.pipeline import DataError, fingerprint, train_batches
-from jaxllm.rl import sampling
+from jaxllm.generate import sampling
 from jaxllm.stages import common, pretrain
 from jaxllm.train import loop, state as state_lib, step as step_lib
 

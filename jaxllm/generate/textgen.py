@@ -13,7 +13,7 @@ import numpy as np
 from jaxllm import models, runs
 from jaxllm.data import tokenizer as tokenizers
 from jaxllm.data.pipeline import DataError
-from jaxllm.rl import sampling
+from jaxllm.generate import sampling
 
 
 def read_prompts(path: str | Path) -> list[str]:

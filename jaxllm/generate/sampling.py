@@ -1,6 +1,6 @@
 """Sampling from a model.
 
-`generate` is the fast path: prefill and decode in one jit with a pre-allocated KV cache (rl/kv_cache.py), a
+`generate` is the fast path: prefill and decode in one jit with a pre-allocated KV cache (generate/kv_cache.py), a
 `lax.while_loop` over steps that exits once every row has stopped, left-padded prompts with exact per-row
 positions, greedy / temperature / top-k / top-p, stop tokens, and per-token log-probabilities.
 `simple_generate` re-runs the full forward per token (no cache): small and obviously right, used as the oracle
@@ -25,7 +25,7 @@ from jaxllm.data.pipeline import DataError
 from jaxllm.kernels import topk
 from jaxllm.models import attention, transformer
 from jaxllm.parallel.rules import active_mesh, constrain
-from jaxllm.rl import kv_cache
+from jaxllm.generate import kv_cache
 
 LOGPROBS = ("policy", "tempered", "sampler")
 
