@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxllm.kernels import swiglu
-from jaxllm.models import transformer
+from jaxllm.models import decode
 
 
 def _oracle(x: np.ndarray, gate_up: np.ndarray, eps: float) -> np.ndarray:
@@ -57,18 +57,18 @@ def test_folded_norms_give_the_same_layer():
     w = lambda *shape: rng.normal(size=shape) / np.sqrt(shape[0])  # noqa: E731 (unit-scale outputs)
     p = {"attn_norm": rng.uniform(0.5, 1.5, d), "mlp_norm": rng.uniform(0.5, 1.5, d), "wq": w(d, h, hd),
          "wk": w(d, 2, hd), "wv": w(d, 2, hd), "w_gate": w(d, f), "w_up": w(d, f), "w_down": w(f, d)}
-    p = transformer.fuse_projections({k: jnp.asarray(v, jnp.float32) for k, v in p.items()})
-    folded = transformer.fold_norms(p)
+    p = decode.fuse_projections({k: jnp.asarray(v, jnp.float32) for k, v in p.items()})
+    folded = decode.fold_norms(p)
     assert "attn_norm" not in folded and "mlp_norm" not in folded
     cfg = type("Cfg", (), {"norm_eps": 1e-5})()
     x = jnp.asarray(rng.normal(size=(2, 3, d)) * 2.0, jnp.float32)
-    np.testing.assert_allclose(np.asarray(transformer.project_qkv(folded, x, cfg)),
-                               np.asarray(transformer.project_qkv(p, x, cfg)), rtol=1e-5, atol=1e-5)
-    want = transformer.mlp(p, x, cfg)
-    np.testing.assert_allclose(np.asarray(transformer.mlp(folded, x, cfg)), np.asarray(want), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(transformer.mlp(folded, x, cfg, kernel=True)), np.asarray(want),
+    np.testing.assert_allclose(np.asarray(decode.project_qkv(folded, x, cfg)),
+                               np.asarray(decode.project_qkv(p, x, cfg)), rtol=1e-5, atol=1e-5)
+    want = decode.mlp(p, x, cfg)
+    np.testing.assert_allclose(np.asarray(decode.mlp(folded, x, cfg)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(decode.mlp(folded, x, cfg, kernel=True)), np.asarray(want),
                                rtol=1e-5, atol=1e-5)
-    with_bias = transformer.fold_norms({**p, "bq": jnp.zeros((h, hd))})  # the scale must precede a bias
+    with_bias = decode.fold_norms({**p, "bq": jnp.zeros((h, hd))})  # the scale must precede a bias
     assert "attn_norm" in with_bias and "mlp_norm" not in with_bias
 
 
@@ -79,11 +79,11 @@ def test_split_k_down_projection_matches_oracle(splits):
     rng = np.random.default_rng(splits)
     x, w = rng.normal(size=(5, 1, 96)), rng.normal(size=(96, 40)) / np.sqrt(96)
     want = x @ w
-    got = transformer._split_k_dense(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), splits)
+    got = decode._split_k_dense(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), splits)
     assert got.shape == (5, 1, 40) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
-    got = np.asarray(transformer._split_k_dense(xb, wb, splits), np.float64)
+    got = np.asarray(decode._split_k_dense(xb, wb, splits), np.float64)
     want = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 

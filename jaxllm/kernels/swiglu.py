@@ -1,6 +1,6 @@
 """RMS-normed SwiGLU activation for decoding, in one Pallas kernel.
 
-With the MLP's RMSNorm weight folded into the gate/up matrix (transformer.fold_norms), the layer computes
+With the MLP's RMSNorm weight folded into the gate/up matrix (models/decode.fold_norms), the layer computes
 gate|up = x @ (g * W) from the un-normed residual stream x, and the norm's per-row scale r = rsqrt(mean(x^2) +
 eps) moves after the matmul: silu(r * gate) * (r * up). That is the same math as the norm, a matmul and silu,
 with one kernel fewer per layer: the RMSNorm kernel is gone, this kernel takes the place of XLA's silu * up

@@ -1,7 +1,7 @@
 """Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU; layers stacked and scanned.
 
 The NNX module owns the parameters (each with its logical axis names); the math is pure functions of a
-params dict, so `apply(graphdef, params, batch)` is jittable and the sampler can reuse `block` with a cache.
+params dict, so `apply(graphdef, params, batch)` is jittable; models/decode.py reuses qkv/mlp with a KV cache.
 Parameters are float32; matmuls run in `cfg.dtype` (bfloat16 by default); logits come out in float32.
 """
 
@@ -14,10 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig, head_dim
-from jaxllm.kernels import swiglu
-from jaxllm.models import attention as attention_lib
 from jaxllm.models.attention import attention
-from jaxllm.models.rope import rope, rope_tables
+from jaxllm.models.rope import rope
 from jaxllm.parallel.rules import constrain
 
 Params = dict[str, Any]
@@ -91,13 +89,14 @@ class Transformer(nnx.Module):
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
-    """RMSNorm over the last axis in float32; weight None: folded into the next matmul (fold_norms)."""
+    """RMSNorm over the last axis in float32; weight None: folded into the next matmul (decode.fold_norms)."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (x32 if weight is None else x32 * weight).astype(x.dtype)
 
 
-def _dense(x: jax.Array, w: jax.Array, eq: str, p: Params, bias: str | None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, eq: str, p: Params, bias: str | None) -> jax.Array:
+    """einsum(eq, x, w) in x's dtype, plus p[bias] where the layer has that bias."""
     y = jnp.einsum(eq, x, w.astype(x.dtype))
     if bias and bias in p:
         y = y + p[bias].astype(x.dtype)
@@ -106,93 +105,26 @@ def _dense(x: jax.Array, w: jax.Array, eq: str, p: Params, bias: str | None) -> 
 
 def qkv(p: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
     """Normed input -> RoPE'd q [B, T, H, D], k [B, T, K, D], v [B, T, K, D]."""
-    if "wqkv" in p:  # fused by fuse_projections (decoding: one matmul instead of three)
-        q, k, v = jnp.split(project_qkv(p, x, cfg), [cfg.n_heads, cfg.n_heads + cfg.n_kv_heads], axis=2)
-    else:
-        h = rms_norm(x, p.get("attn_norm"), cfg.norm_eps)
-        q = _dense(h, p["wq"], "btd,dnh->btnh", p, "bq")
-        k = _dense(h, p["wk"], "btd,dnh->btnh", p, "bk")
-        v = _dense(h, p["wv"], "btd,dnh->btnh", p, "bv")
+    h = rms_norm(x, p.get("attn_norm"), cfg.norm_eps)
+    q = dense(h, p["wq"], "btd,dnh->btnh", p, "bq")
+    k = dense(h, p["wk"], "btd,dnh->btnh", p, "bk")
+    v = dense(h, p["wv"], "btd,dnh->btnh", p, "bv")
     return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
 
 
-def project_qkv(p: Params, x: jax.Array, cfg: ModelConfig, norm: bool = True) -> jax.Array:
-    """Normed input through the fused projection (fuse_projections), biases added, before RoPE:
-    [B, T, H + 2K, D] (query heads, then keys, then values). norm=False: x as it is (a kernel applies the
-    norm's scale afterwards: the norm weight must be folded, fold_norms)."""
-    h = rms_norm(x, p.get("attn_norm"), cfg.norm_eps) if norm else x
-    fused = _dense(h, p["wqkv"], "btd,dnh->btnh", p, None)
-    biases = [p.get(name) for name in ("bq", "bk", "bv")]
-    if all(b is None for b in biases):
-        return fused
-    sizes = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)
-    bias = jnp.concatenate([jnp.zeros((n, fused.shape[-1])) if b is None else b for b, n in zip(biases, sizes)])
-    return fused + bias.astype(fused.dtype)
-
-
-def mlp(p: Params, x: jax.Array, cfg: ModelConfig, kernel: bool = False) -> jax.Array:
-    """The MLP sublayer (its RMSNorm included) of x [B, T, D]. kernel: with the norm weight folded
-    (fold_norms), the matmul takes x un-normed, one Pallas kernel applies the norm's row scale and SwiGLU, and
-    the down projection runs split over d_ff (DECODE_DOWN_SPLITS; decoding is this path's only user)."""
-    if kernel and "mlp_norm" not in p:  # fold_norms drops it only for a fused, bias-free gate/up
-        b, t, d = x.shape
-        gate_up = _dense(x, p["w_gate_up"], "btd,df->btf", p, None)  # [B, T, 2F]
-        act = swiglu.normed_swiglu(x.reshape(b * t, d), gate_up.reshape(b * t, -1), cfg.norm_eps)
-        if DECODE_DOWN_SPLITS > 1 and "b_down" not in p and act.shape[-1] % DECODE_DOWN_SPLITS == 0:
-            return _split_k_dense(act.reshape(b, t, -1), p["w_down"], DECODE_DOWN_SPLITS)
-        return _dense(act.reshape(b, t, -1), p["w_down"], "btf,fd->btd", p, "b_down")
+def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The MLP sublayer (its RMSNorm included) of x [B, T, D]: SwiGLU."""
     h = rms_norm(x, p.get("mlp_norm"), cfg.norm_eps)
-    if "w_gate_up" in p:  # fused by fuse_projections
-        gate, up = jnp.split(_dense(h, p["w_gate_up"], "btd,df->btf", p, None), 2, axis=-1)  # [B, T, F] each
-        gate, up = (y + p[b].astype(y.dtype) if b in p else y for y, b in ((gate, "b_gate"), (up, "b_up")))
-    else:
-        gate = _dense(h, p["w_gate"], "btd,df->btf", p, "b_gate")
-        up = _dense(h, p["w_up"], "btd,df->btf", p, "b_up")
-    return _dense(jax.nn.silu(gate) * up, p["w_down"], "btf,fd->btd", p, "b_down")
+    gate = dense(h, p["w_gate"], "btd,df->btf", p, "b_gate")
+    up = dense(h, p["w_up"], "btd,df->btf", p, "b_up")
+    return dense(jax.nn.silu(gate) * up, p["w_down"], "btf,fd->btd", p, "b_down")
 
 
-# The decode MLP's down projection (rows x d_ff x d_model) as this many batched GEMMs over equal slices of d_ff,
-# float32 partials summed by XLA with the residual, instead of cuBLAS's own split-K and its reduce kernel: ~1% per
-# generate call on an H200 for 1b and 124m (docs/benchmarks.md, thirteenth session).
-DECODE_DOWN_SPLITS = 2
-
-
-def _split_k_dense(x: jax.Array, w: jax.Array, splits: int) -> jax.Array:
-    """x [B, T, F] @ w [F, D] as `splits` products over slices of F, summed in float32: [B, T, D] in x.dtype."""
-    b, t, f = x.shape
-    parts = jnp.einsum("btsf,sfd->sbtd", x.reshape(b, t, splits, f // splits),
-                       w.astype(x.dtype).reshape(splits, f // splits, -1), preferred_element_type=jnp.float32)
-    return parts.sum(0).astype(x.dtype)
-
-
-def fuse_projections(p: Params) -> Params:
-    """One layer's params with wq|wk|wv and w_gate|w_up concatenated (wqkv [D, H+2K, hd], w_gate_up [D, 2F]):
-    fewer, larger matmuls where launches dominate (decoding). qkv() and mlp() accept either layout."""
-    p = dict(p)
-    p["wqkv"] = jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1)
-    p["w_gate_up"] = jnp.concatenate([p.pop("w_gate"), p.pop("w_up")], axis=1)
-    return p
-
-
-def fold_norms(p: Params) -> Params:
-    """One layer's fused params (fuse_projections) with each RMSNorm weight folded into the matrix after it:
-    rms_norm(x, g) @ W == rms_norm(x, None) @ (g[:, None] * W), so the norm entry is dropped (rms_norm then
-    skips the weight) and a decode kernel can apply the norm's row scale after the matmul instead of running a
-    norm kernel before it. A norm whose projections have biases stays (the scale must precede the bias).
-    Fold in float32, before casting the matrices to the compute dtype."""
-    p = dict(p)
-    for name, norm_name, biases in (("wqkv", "attn_norm", ("bq", "bk", "bv")),
-                                    ("w_gate_up", "mlp_norm", ("b_gate", "b_up"))):
-        if name in p and not any(b in p for b in biases):
-            w, norm = p[name], p.pop(norm_name).astype(jnp.float32)
-            p[name] = (norm.reshape(-1, *[1] * (w.ndim - 1)) * w.astype(jnp.float32)).astype(w.dtype)
-    return p
-
-
-def _finish_block(p: Params, x: jax.Array, attn: jax.Array, cfg: ModelConfig, kernel: bool = False) -> jax.Array:
-    """Attention output projection, residual, then the MLP residual. attn: [B, T, H, D]; x: [B, T, D]."""
-    x = x + _dense(attn, p["wo"], "btnh,nhd->btd", p, "bo")
-    x = x + mlp(p, x, cfg, kernel)
+def finish_block(p: Params, x: jax.Array, attn: jax.Array, cfg: ModelConfig, mlp_fn=mlp) -> jax.Array:
+    """Attention output projection, residual, then the MLP residual. attn: [B, T, H, D]; x: [B, T, D].
+    mlp_fn(p, x, cfg): the MLP sublayer (models/decode.py passes its fused-weight one)."""
+    x = x + dense(attn, p["wo"], "btnh,nhd->btd", p, "bo")
+    x = x + mlp_fn(p, x, cfg)
     return constrain(x, ("batch", "seq", "act_embed"))
 
 
@@ -200,50 +132,7 @@ def block(p: Params, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
     """One decoder layer (pre-norm). x: [B, T, D] in the compute dtype."""
     q, k, v = qkv(p, x, positions, cfg)
     attn = attention(q, k, v, segment_ids=segment_ids, causal=True, impl=cfg.attention_impl)  # [B, T, H, D]
-    return _finish_block(p, x, attn, cfg)
-
-
-CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
-
-
-def block_decode(p: Params, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],
-                 index: jax.Array, kv_positions: jax.Array, kv_segment_ids: jax.Array, cfg: ModelConfig,
-                 fresh: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One decoder layer over T new tokens with a KV cache (prefill: T = prompt width; decode: T = 1).
-
-    x: [B, T, D]; positions: [B, T] (exact per-row positions); cache: (k, v) each [B, S, K, D];
-    index: scalar column where the new keys are written (shared by all rows: prompts are left-padded);
-    kv_positions, kv_segment_ids: [B, S] for every cache column (0 = padding). Columns not yet written have
-    positions beyond every query's, so position-based causality hides them. Returns (x, updated cache).
-    fresh: index is 0 and the cache empty (a prefill), so the new tokens attend only among themselves: causal
-    self-attention with kv_segment_ids[:, :T] (left padding = segment 0), the training path's flash kernel,
-    instead of attending over the whole cache. Left-padded rows keep column order = position order.
-    """
-    if not fresh and x.shape[1] == 1 and "wqkv" in p:  # one new token: RoPE, cache write, attention in one kernel
-        hd = head_dim(cfg)
-        fused_shape = (x.shape[0], cfg.n_heads + 2 * cfg.n_kv_heads, hd)
-        folded = "attn_norm" not in p  # fold_norms: the kernel applies the norm's row scale
-        norm_width = x.shape[-1] if folded else None
-        if attention_lib.decode_step_takes(cfg.attention_impl, fused_shape, cfg.n_heads, cache[0].shape, norm_width):
-            fused = project_qkv(p, x, cfg, norm=not folded)[:, 0]  # [B, H + 2K, D]
-            cos, sin = rope_tables(positions[:, 0], hd, cfg.rope_theta)  # [B, D/2] each
-            attn, cache_k, cache_v = attention_lib.decode_step(
-                fused, cfg.n_heads, cos, sin, cache, positions, kv_positions, kv_segment_ids, index,
-                norm_x=x[:, 0] if folded else None, eps=cfg.norm_eps)
-            cache_k, cache_v = constrain(cache_k, CACHE_AXES), constrain(cache_v, CACHE_AXES)
-            kernel = attention_lib.decode_mlp_takes(cfg.attention_impl, x.shape[0], x.shape[-1], cfg.d_ff)
-            return _finish_block(p, x, attn[:, None], cfg, kernel), (cache_k, cache_v)
-    q, k, v = qkv(p, x, positions, cfg)
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
-    cache_k, cache_v = constrain(cache_k, CACHE_AXES), constrain(cache_v, CACHE_AXES)
-    if fresh:
-        attn = attention(q, k, v, segment_ids=kv_segment_ids[:, :x.shape[1]], causal=True, impl=cfg.attention_impl)
-    else:
-        attn = attention(q, cache_k, cache_v, segment_ids=jnp.ones(positions.shape, jnp.int32),
-                         kv_segment_ids=kv_segment_ids, q_positions=positions, kv_positions=kv_positions,
-                         impl=cfg.attention_impl, kv_length=index + x.shape[1])  # [B, T, H, D]
-    return _finish_block(p, x, attn, cfg), (cache_k, cache_v)
+    return finish_block(p, x, attn, cfg)
 
 
 _REMAT = {

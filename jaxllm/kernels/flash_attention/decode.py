@@ -194,7 +194,7 @@ def step_unsupported_reason(qkv_shape: tuple[int, ...], n_heads: int, cache_shap
 
 
 def _rotate(ref, cos, sin, lead: tuple) -> tuple[jax.Array, jax.Array]:
-    """Rotate-half RoPE of ref[*lead, :] in float32, as its two halves in ref's dtype (transformer.rope)."""
+    """Rotate-half RoPE of ref[*lead, :] in float32, as its two halves in ref's dtype (models/rope.rope)."""
     half = cos.shape[-1]
     a = ref[(*lead, pl.ds(0, half))].astype(jnp.float32)
     b = ref[(*lead, pl.ds(half, half))].astype(jnp.float32)
@@ -283,13 +283,13 @@ def decode_step(qkv: jax.Array, n_heads: int, cos: jax.Array, sin: jax.Array, ca
     """A layer's attention for one new token per row, from the fused q/k/v projection, in one kernel.
 
     qkv: [B, H+2K, D], the projection before RoPE (rows: H query heads, K keys, K values); cos, sin: [B, D/2]
-    float32 RoPE tables of the new tokens' positions (transformer.rope_tables); cache_k, cache_v: [B, S, K, D]
+    float32 RoPE tables of the new tokens' positions (models/rope.rope_tables); cache_k, cache_v: [B, S, K, D]
     (S a multiple of 16), updated in place at column `index` (a scalar int: the columns before it are the
     cache so far); q_positions: [B, 1]; kv_positions, kv_segment_ids: [B, S] as in `decode_attention`.
-    Returns (attention [B, H, D], cache_k, cache_v). Equals transformer.rope on q and k, then
+    Returns (attention [B, H, D], cache_k, cache_v). Equals models/rope.rope on q and k, then
     dynamic_update_slice into the cache, then `decode_attention` with length index + 1 — with the three
     small kernels around the attention gone. norm_x: [B, D_model], the un-normed layer input when qkv is its
-    projection through RMSNorm-folded weights (transformer.fold_norms): the kernel scales the projection by
+    projection through RMSNorm-folded weights (models/decode.fold_norms): the kernel scales the projection by
     rsqrt(mean(norm_x^2) + eps) per row, so no RMSNorm kernel runs before the matmul. Launch settings as
     `decode_attention`. With 16, 32 or 64 query heads each program reads the row's whole query; otherwise (or
     pad=True) it gathers its KV head's query heads into a padded tile (`_step_queries`).
