@@ -129,13 +129,6 @@ def kl_per_token(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array, 
     return kl * mask.astype(jnp.float32)
 
 
-def last_token_index(mask: jax.Array) -> jax.Array:
-    """[B] index of each row's last masked position (0 for an empty row)."""
-    t = mask.shape[-1]
-    positions = jnp.arange(t)
-    return jnp.max(jnp.where(mask != 0, positions, 0), axis=-1)
-
-
 def cut_without_eos(tokens: jax.Array, mask: jax.Array, eos_id: int) -> jax.Array:
     """[B] bool: the response is non-empty and holds no EOS token (it was cut at the length limit)."""
     has_eos = jnp.any((tokens == eos_id) & (mask != 0), axis=-1)
@@ -152,7 +145,7 @@ def token_rewards(kl: jax.Array, scores: jax.Array, mask: jax.Array, kl_coef, *,
     scores = scores.astype(jnp.float32)
     if cut is not None:
         scores = scores - cut_penalty * cut.astype(jnp.float32)
-    last = jax.nn.one_hot(last_token_index(mask), mask.shape[-1], dtype=jnp.float32) * mask  # [B, T]
+    last = jax.nn.one_hot(heads.last_token_index(mask), mask.shape[-1], dtype=jnp.float32) * mask  # [B, T]
     return (-kl_coef * kl + scores[:, None] * last) * mask
 
 
