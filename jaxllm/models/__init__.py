@@ -6,10 +6,12 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import transformer
 from jaxllm.models.transformer import Transformer
+from jaxllm.parallel import rules
 
 Params = dict[str, Any]
 
@@ -38,6 +40,12 @@ def logical_axes(cfg: ModelConfig) -> dict:
     model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     return nnx.to_pure_dict(nnx.map_state(lambda _, v: v.get_metadata()["logical_axes"], state))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
+    """NamedShardings of the params dict of `cfg` from the rules table (no parameter is allocated)."""
+    _, shapes = abstract(cfg)
+    return rules.logical_shardings(logical_axes(cfg), shapes, mesh, what="params")
 
 
 def apply(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array]) -> jax.Array:

@@ -76,7 +76,8 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
 
 
 def logical_shardings(axes_tree: Any, abstract_tree: Any, mesh: Mesh, *, what: str = "") -> Any:
-    """NamedShardings for a pytree whose leaves have logical axis names (e.g. models.logical_axes).
+    """NamedShardings for a pytree whose leaves have logical axis names (e.g. models.logical_axes; the
+    params: models.param_shardings).
 
     axes_tree: same structure as abstract_tree, each leaf a tuple of names. A mesh axis that does not divide
     its dimension (e.g. 2 kv_heads on tensor=4) is dropped for that leaf, i.e. replicated, and logged.
@@ -92,14 +93,6 @@ def logical_shardings(axes_tree: Any, abstract_tree: Any, mesh: Mesh, *, what: s
         return NamedSharding(mesh, got)
 
     return jax.tree_util.tree_map_with_path(one, axes_tree, abstract_tree, is_leaf=lambda x: isinstance(x, tuple))
-
-
-def param_shardings(model_cfg, mesh: Mesh) -> Any:
-    """NamedShardings of the params dict of `model_cfg` from RULES (no parameter is allocated)."""
-    from jaxllm import models  # models import this module for constrain()
-
-    _, abstract = models.abstract(model_cfg)
-    return logical_shardings(models.logical_axes(model_cfg), abstract, mesh, what="params")
 
 
 def state_shardings(abstract_state: Any, params_shardings: Any, mesh: Mesh) -> Any:

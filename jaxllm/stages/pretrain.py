@@ -110,7 +110,7 @@ def plan_state(cfg: Config, optimizer, mesh):
         return state_lib.create(params, optimizer, cfg.train.seed)
 
     abstract = jax.eval_shape(make)
-    shardings = rules.state_shardings(abstract, rules.param_shardings(cfg.model, mesh), mesh)
+    shardings = rules.state_shardings(abstract, models.param_shardings(cfg.model, mesh), mesh)
     return make, abstract, shardings
 
 
