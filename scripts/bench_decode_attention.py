@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.kernels.flash_attention import decode, reference
+from jaxllm.kernels.decode import attention as decode
+from jaxllm.kernels.flash_attention import reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import time_fn  # noqa: E402 (median seconds after two warm-ups)

@@ -17,15 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import shutil
+import sys
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.kernels.flash_attention import decode, reference
+from jaxllm.kernels.decode import attention as decode
+from jaxllm.kernels.flash_attention import reference
 from jaxllm.models import rope
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.kernels import dispatch
 from jaxllm.kernels.flash_attention import pallas_gpu, reference
-from jaxllm.models import attention as attention_mod
-from jaxllm.models import rope
+from jaxllm.models import attention as attention_mod, rope
 from tests.conftest import load_script
 from tests.test_flash_mosaic import assert_matches_reference
 
@@ -169,9 +169,9 @@ def test_tpu_splash_wrapper_matches_reference_in_interpret_mode():
 
 def test_auto_is_xla_off_gpu_and_bad_names_fail():
     q = jnp.zeros((1, 8, 2, 64))
-    assert attention_mod.resolve_impl("auto", q) == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert dispatch.resolve_impl("auto", q) == ("pallas" if jax.default_backend() == "gpu" else "xla")
     with pytest.raises(ValueError, match="unknown"):
-        attention_mod.resolve_impl("flash", q)
+        dispatch.resolve_impl("flash", q)
 
 
 def test_bad_shapes_raise_one_line_errors():
@@ -230,7 +230,7 @@ def test_model_on_gpu_auto_uses_pallas_and_matches_xla():
 
     cfg = ModelConfig(vocab_size=512, d_model=256, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=512,
                       max_seq_len=256, dtype="bfloat16")
-    assert attention_mod.resolve_impl("auto", jnp.zeros((1, 8, 2, 128), jnp.bfloat16)) == "pallas"
+    assert dispatch.resolve_impl("auto", jnp.zeros((1, 8, 2, 128), jnp.bfloat16)) == "pallas"
     _, params = models.init(cfg, 0)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 200), 0, 512)
     positions = jnp.broadcast_to(jnp.arange(200), (2, 200))
@@ -250,12 +250,12 @@ def test_model_on_gpu_auto_uses_pallas_and_matches_xla():
 
 def test_auto_on_gpu_falls_back_to_cudnn_and_says_why_once(monkeypatch, caplog):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(attention_mod, "_said", set())
+    monkeypatch.setattr(dispatch, "_said", set())
     q_ok, q_odd = jnp.zeros((1, 8, 2, 128), jnp.bfloat16), jnp.zeros((1, 8, 2, 96), jnp.bfloat16)
-    with caplog.at_level("WARNING", logger=attention_mod.log.name):
-        assert attention_mod.resolve_impl("auto", q_ok) == "pallas"
-        assert attention_mod.resolve_impl("auto", q_odd) == "cudnn"
-        assert attention_mod.resolve_impl("auto", q_odd) == "cudnn"
+    with caplog.at_level("WARNING", logger=dispatch.log.name):
+        assert dispatch.resolve_impl("auto", q_ok) == "pallas"
+        assert dispatch.resolve_impl("auto", q_odd) == "cudnn"
+        assert dispatch.resolve_impl("auto", q_odd) == "cudnn"
     said = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
     assert len(said) == 1 and "head dim 96" in said[0], said
 
@@ -278,7 +278,7 @@ def _decode_case(rng, b, s, h, kh, d, length, dtype):
 def test_decode_kernel_matches_reference(b, s, h, kh, d, length):
     """Interpret mode, float32: one query per row against a left-padded cache read up to `length` (GQA 1-8,
     and 3: the query heads of a KV head are padded to 16 rows, so any count up to 16 works)."""
-    from jaxllm.kernels.flash_attention import decode  # noqa: PLC0415
+    from jaxllm.kernels.decode import attention as decode  # noqa: PLC0415
 
     args = _decode_case(np.random.default_rng(s + h), b, s, h, kh, d, length, jnp.float32)
     q, k, v, q_pos, kv_pos, kv_seg = args
@@ -299,7 +299,7 @@ def test_decode_kernel_on_gpu_matches_reference():
     reference on the same (bf16-rounded) inputs below 1e-2."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    from jaxllm.kernels.flash_attention import decode  # noqa: PLC0415
+    from jaxllm.kernels.decode import attention as decode  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     for b, s, h, kh, d, length in [(64, 256, 16, 8, 128, 200), (8, 512, 12, 12, 64, 300), (4, 64, 8, 1, 128, 64)]:
@@ -339,7 +339,7 @@ def _norm_input(rng, b, d_model, dtype=jnp.float32):
 def test_decode_step_matches_rope_cache_write_and_reference(b, s, h, kh, d, index):
     """Interpret mode, float32: the fused decode step (RoPE, cache write at `index`, attention over the columns
     before it plus the new key) against the separate ops; the cache's other columns are untouched."""
-    from jaxllm.kernels.flash_attention import decode  # noqa: PLC0415
+    from jaxllm.kernels.decode import attention as decode  # noqa: PLC0415
 
     qkv, cos, sin, cache_k, cache_v, q_pos, kv_pos, kv_seg = _step_case(np.random.default_rng(s + h), b, s, h, kh,
                                                                         d, index, jnp.float32)
@@ -371,7 +371,7 @@ def test_decode_step_on_gpu_matches_reference():
     float32 oracle on the same inputs; the written cache column equal to the oracle's bf16-rounded RoPE."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    from jaxllm.kernels.flash_attention import decode  # noqa: PLC0415
+    from jaxllm.kernels.decode import attention as decode  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     step = jax.jit(decode.decode_step, static_argnums=1, static_argnames="pad")
@@ -397,20 +397,21 @@ def test_decode_step_on_gpu_matches_reference():
 
 def test_decoding_on_gpu_falls_back_to_xla_and_says_why_once(monkeypatch, caplog):
     """auto on a GPU sends a decode step to the kernel; a shape it can't take (head dim 96, or 32 query heads
-    per KV head: more than 16) goes to the XLA path with one log line per reason, with the same result as the reference."""
+    per KV head: more than 16) goes to the XLA path with one log line per reason, with the same result as the
+    reference."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(attention_mod, "_said", set())
+    monkeypatch.setattr(dispatch, "_said", set())
     length = jnp.int32(10)
-    assert attention_mod._decode_kernel_takes("auto", jnp.zeros((2, 1, 4, 128)), jnp.zeros((2, 32, 2, 128)), length)
-    assert not attention_mod._decode_kernel_takes("xla", jnp.zeros((2, 1, 4, 128)), jnp.zeros((2, 32, 2, 128)),
-                                                  length)
+    assert dispatch.decode_attention_takes("auto", jnp.zeros((2, 1, 4, 128)), jnp.zeros((2, 32, 2, 128)), length)
+    assert not dispatch.decode_attention_takes("xla", jnp.zeros((2, 1, 4, 128)), jnp.zeros((2, 32, 2, 128)),
+                                               length)
     q, k, v, q_pos, kv_pos, kv_seg = _decode_case(np.random.default_rng(1), 2, 32, 4, 2, 96, 10, jnp.float32)
-    with caplog.at_level("WARNING", logger=attention_mod.log.name):
+    with caplog.at_level("WARNING", logger=dispatch.log.name):
         for _ in range(2):
             got = attention_mod.attention(q, k, v, segment_ids=jnp.ones((2, 1), jnp.int32), kv_segment_ids=kv_seg,
                                           q_positions=q_pos, kv_positions=kv_pos, kv_length=length)
-        assert not attention_mod._decode_kernel_takes("auto", jnp.zeros((2, 1, 64, 128)),
-                                                      jnp.zeros((2, 32, 2, 128)), length)
+        assert not dispatch.decode_attention_takes("auto", jnp.zeros((2, 1, 64, 128)),
+                                                   jnp.zeros((2, 32, 2, 128)), length)
     want = reference.attention(q, k, v, segment_ids=jnp.ones((2, 1), jnp.int32), kv_segment_ids=kv_seg,
                                q_positions=q_pos, kv_positions=kv_pos)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -422,13 +423,13 @@ def test_decode_step_on_gpu_falls_back_and_says_why_once(monkeypatch, caplog):
     """auto on a GPU fuses a decode step (16 heads over 8, and 12 over 12: the 1b and 124m models); head dim 96
     runs RoPE, the cache write and attention as separate ops, with one log line; xla never fuses."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(attention_mod, "_said", set())
-    assert attention_mod.decode_step_takes("auto", (2, 32, 128), 16, (2, 256, 8, 128))
-    assert attention_mod.decode_step_takes("auto", (2, 36, 64), 12, (2, 256, 12, 64))
-    assert not attention_mod.decode_step_takes("xla", (2, 32, 128), 16, (2, 256, 8, 128))
-    with caplog.at_level("WARNING", logger=attention_mod.log.name):
+    monkeypatch.setattr(dispatch, "_said", set())
+    assert dispatch.decode_step_takes("auto", (2, 32, 128), 16, (2, 256, 8, 128))
+    assert dispatch.decode_step_takes("auto", (2, 36, 64), 12, (2, 256, 12, 64))
+    assert not dispatch.decode_step_takes("xla", (2, 32, 128), 16, (2, 256, 8, 128))
+    with caplog.at_level("WARNING", logger=dispatch.log.name):
         for _ in range(2):
-            assert not attention_mod.decode_step_takes("auto", (2, 36, 96), 12, (2, 256, 12, 96))
+            assert not dispatch.decode_step_takes("auto", (2, 36, 96), 12, (2, 256, 12, 96))
     said = [r.getMessage() for r in caplog.records if "decode step" in r.getMessage()]
     assert len(said) == 1 and "head_dim 96" in said[0], said
 

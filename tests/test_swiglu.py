@@ -1,4 +1,4 @@
-"""The RMS-normed SwiGLU decode kernel (kernels/swiglu.py) against a float64 NumPy oracle.
+"""The RMS-normed SwiGLU decode kernel (kernels/decode/swiglu.py) against a float64 NumPy oracle.
 
 Tolerances fixed in advance: float32 inputs (interpret mode) 1e-5; bf16 inputs on a GPU: relative L2 error
 < 1e-2 against the oracle on the same (bf16-rounded) inputs.
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.kernels import swiglu
+from jaxllm.kernels.decode import swiglu
 from jaxllm.models import decode
 
 

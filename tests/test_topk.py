@@ -1,4 +1,4 @@
-"""The Pallas top-k kernel (kernels/topk.py, interpret mode) against a float64 NumPy oracle.
+"""The Pallas top-k kernel (kernels/decode/topk.py, interpret mode) against a float64 NumPy oracle.
 
 Exact by construction, so values and columns must match exactly: the oracle is a stable descending argsort
 (ties at the k-th value go to the lowest columns, the kernel's rule); the log-sum-exp within 1e-5.
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.kernels import topk
+from jaxllm.kernels.decode import topk
 
 
 def _oracle(x: np.ndarray, k: int, scale: float):
@@ -19,7 +19,8 @@ def _oracle(x: np.ndarray, k: int, scale: float):
     columns = np.sort(np.argsort(-x, axis=-1, kind="stable")[:, :k], axis=-1)
     xs = x.astype(np.float64) * scale
     top = xs.max(-1, keepdims=True)
-    lse = np.log(np.exp(xs - np.where(np.isfinite(top), top, 0.0)).sum(-1)) + np.where(np.isfinite(top[:, 0]), top[:, 0], 0.0)
+    shift = np.where(np.isfinite(top), top, 0.0)  # [rows, 1]
+    lse = np.log(np.exp(xs - shift).sum(-1)) + shift[:, 0]
     return columns, lse
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from functools import cache, partial
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,11 @@ from jax.extend.random import threefry2x32_p
 
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.data.pipeline import DataError
-from jaxllm.kernels import topk
-from jaxllm.models import attention, transformer
-from jaxllm.parallel.rules import active_mesh, constrain
 from jaxllm.generate import kv_cache
+from jaxllm.kernels import dispatch
+from jaxllm.kernels.decode import topk
+from jaxllm.models import transformer
+from jaxllm.parallel.rules import constrain
 
 LOGPROBS = ("policy", "tempered", "sampler")
 
@@ -196,7 +198,7 @@ def sample_logits(key: jax.Array, logits: jax.Array, config: SamplingConfig, ker
 
     With top-k the draw is among the k candidates only (exactly k tokens), so the random draw and the
     renormalisation cost O(k), not O(V), per row. kernel: find the candidates and the row's log-sum-exp with
-    the Pallas top-k kernel (kernels/topk.py; `top_k_kernel_takes`) instead of XLA's reductions and sorts."""
+    the Pallas top-k kernel (kernels/decode/topk.py; `top_k_kernel_takes`) instead of XLA's reductions and sorts."""
     greedy = config.temperature == 0.0
     if greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -243,11 +245,8 @@ def _top_k_draw(key: jax.Array, logits: jax.Array, config: SamplingConfig, kerne
 
 
 def top_k_kernel_takes(model_cfg: ModelConfig, config: SamplingConfig) -> bool:
-    """Whether `generate_arrays` samples top-k through the Pallas kernel: the decode kernels' backends
-    (attention_impl auto on a GPU, pallas on a GPU or the CPU), on one device, a shape the kernel takes."""
-    return (config.top_k > 0 and config.temperature > 0.0 and active_mesh() is None
-            and attention.decode_kernels_enabled(model_cfg.attention_impl)
-            and topk.unsupported_reason(model_cfg.vocab_size, config.top_k) is None)
+    """Whether `generate_arrays` samples top-k through the Pallas kernel (kernels/dispatch.top_k_takes)."""
+    return dispatch.top_k_takes(model_cfg.attention_impl, model_cfg.vocab_size, config.top_k, config.temperature)
 
 
 def _prefill(top, layers, cfg: ModelConfig, prompt_tokens, kv_positions, kv_segment_ids, cache_len: int):
@@ -315,16 +314,12 @@ def generate_arrays(params, model_cfg: ModelConfig, prompt_tokens: jax.Array, pr
     return tuple(constrain(state[k], ("batch", None)) for k in ("tokens", "logprobs", "mask"))
 
 
-CUBLAS_MIN_D_MODEL = 1536
-
-
 @cache
 def generate_jit(backend: str, d_model: int = 0):
-    """generate_arrays jitted for a backend and model width. Decode's matmuls are skinny (batch rows times a
-    weight matrix): on a GPU, cuBLAS ran them faster than XLA's Triton GEMMs for the 1b model (d_model 2048) and
-    slower for 124m (768) on an H200 (docs/benchmarks.md), so Triton GEMMs are off from CUBLAS_MIN_D_MODEL."""
+    """generate_arrays jitted for a backend and model width: on a GPU from dispatch.CUBLAS_MIN_D_MODEL, with
+    XLA's Triton GEMMs off (cuBLAS runs decode's skinny matmuls faster there)."""
     options = None
-    if backend == "gpu" and d_model >= CUBLAS_MIN_D_MODEL:
+    if dispatch.cublas_for_decode(backend, d_model):
         options = {"xla_gpu_enable_triton_gemm": False}
     return jax.jit(generate_arrays, static_argnames=("model_cfg", "config"), compiler_options=options)
 

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig, head_dim
-from jaxllm.kernels import swiglu
+from jaxllm.kernels import dispatch
+from jaxllm.kernels.decode import swiglu
 from jaxllm.models import attention as attention_lib, transformer
 from jaxllm.models.attention import attention
 from jaxllm.models.rope import rope, rope_tables
@@ -121,14 +122,14 @@ def block_decode(p: Params, x: jax.Array, positions: jax.Array, cache: tuple[jax
         fused_shape = (x.shape[0], cfg.n_heads + 2 * cfg.n_kv_heads, hd)
         folded = "attn_norm" not in p  # fold_norms: the kernel applies the norm's row scale
         norm_width = x.shape[-1] if folded else None
-        if attention_lib.decode_step_takes(cfg.attention_impl, fused_shape, cfg.n_heads, cache[0].shape, norm_width):
+        if dispatch.decode_step_takes(cfg.attention_impl, fused_shape, cfg.n_heads, cache[0].shape, norm_width):
             fused = project_qkv(p, x, cfg, norm=not folded)[:, 0]  # [B, H + 2K, D]
             cos, sin = rope_tables(positions[:, 0], hd, cfg.rope_theta)  # [B, D/2] each
             attn, cache_k, cache_v = attention_lib.decode_step(
                 fused, cfg.n_heads, cos, sin, cache, positions, kv_positions, kv_segment_ids, index,
                 norm_x=x[:, 0] if folded else None, eps=cfg.norm_eps)
             cache_k, cache_v = constrain(cache_k, CACHE_AXES), constrain(cache_v, CACHE_AXES)
-            kernel = attention_lib.decode_mlp_takes(cfg.attention_impl, x.shape[0], x.shape[-1], cfg.d_ff)
+            kernel = dispatch.decode_mlp_takes(cfg.attention_impl, x.shape[0], x.shape[-1], cfg.d_ff)
             x = transformer.finish_block(p, x, attn[:, None], cfg, functools.partial(mlp, kernel=kernel))
             return x, (cache_k, cache_v)
     q, k, v = qkv(p, x, positions, cfg)

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllm.kernels.decode.swiglu import rms_scale
 from jaxllm.kernels.launch import triton_params
-from jaxllm.kernels.swiglu import rms_scale
 
 LOG2E = math.log2(math.e)
 ROWS = 16  # query rows per program (the G heads of one KV head, zero-padded): the smallest tensor-core tile
