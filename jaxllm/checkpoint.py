@@ -12,8 +12,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxllm.errors import JaxllmError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(JaxllmError):
     pass
 
 

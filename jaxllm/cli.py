@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from jaxllm import config as config_lib
+from jaxllm.errors import JaxllmError
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {}
 
@@ -182,15 +183,11 @@ def main(argv: list[str] | None = None) -> int:
               + f" (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     from jaxllm import logging as jlog
-    from jaxllm.checkpoint import CheckpointError
-    from jaxllm.data.pipeline import DataError
-    from jaxllm.data.tokenizer import TokenizerError
-    from jaxllm.train.loop import TrainingError
 
     jlog.setup()
     try:
         return COMMANDS[name][0](rest)
-    except (config_lib.ConfigError, CheckpointError, DataError, TokenizerError, TrainingError) as e:
+    except JaxllmError as e:  # config, data, tokenizer, checkpoint, training: one line each
         print(f"jaxllm {name}: error: {e}", file=sys.stderr)
         return 1
 

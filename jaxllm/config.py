@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from jaxllm.errors import JaxllmError
 
-class ConfigError(ValueError):
+
+class ConfigError(JaxllmError):
     """A user's configuration mistake; the message is one line: what, where, how to fix."""
 
 

@@ -8,14 +8,16 @@ import json
 import logging
 import sysconfig
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+
+from jaxllm.errors import JaxllmError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(JaxllmError):
     """A user's data mistake (missing file, malformed input, a source filtered to nothing); one line."""
 
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from jaxllm.errors import JaxllmError
 
 PAD = "<|pad|>"
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, EOS)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(JaxllmError):
     pass
 
 

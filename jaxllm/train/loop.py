@@ -10,21 +10,23 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 import yaml
 
 from jaxllm import checkpoint, config as config_lib
+from jaxllm.errors import JaxllmError
 from jaxllm.logging import RunLog
 from jaxllm.train import state as state_lib
 from jaxllm.train.state import TrainState
 
 
-class TrainingError(RuntimeError):
+class TrainingError(JaxllmError, RuntimeError):
     pass
 
 
