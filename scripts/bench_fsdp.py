@@ -146,7 +146,7 @@ def main() -> int:
         print(f"only {jax.device_count()} devices; dropping counts above that", file=sys.stderr)
         counts = [c for c in counts if c <= jax.device_count()]
     check_batch = random_batch(cfg, math.lcm(*counts), 99)  # forward-loss check: same rows on every count
-    head = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    head = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "card": jax.devices()[0].device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "config": "tiny" if args.tiny else args.config, "overlap": args.overlap, "mesh_kind": args.mesh}
     rows = []

@@ -23,19 +23,19 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for the torch peer
 
 import jax  # noqa: E402
-import jaxlib  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxllm import config as config_lib, models  # noqa: E402
-from jaxllm.models import transformer  # noqa: E402
 from jaxllm.generate import sampling  # noqa: E402
+from jaxllm.models import transformer  # noqa: E402
 
 # The model shapes of shared BENCHMARKS.md (configs/124m.yaml, configs/1b.yaml).
 SHAPES = {

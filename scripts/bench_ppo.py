@@ -25,8 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxllm import config as config_lib, models, optim  # noqa: E402
-from jaxllm.models import heads  # noqa: E402
 from jaxllm.generate import sampling  # noqa: E402
+from jaxllm.models import heads  # noqa: E402
 from jaxllm.rl import ppo, ppo_loop  # noqa: E402
 from jaxllm.stages.ppo import make_generate  # noqa: E402
 

@@ -12,9 +12,10 @@ import json
 import random
 from pathlib import Path
 
-SUBJECTS = ("the river", "a young engineer", "the old library", "our small village", "the committee", "a tired traveller",
-            "the northern forest", "the new bridge", "her grandfather", "the orchestra", "a curious student",
-            "the harbour master", "the research group", "a quiet neighbour", "the city council", "the mountain road")
+SUBJECTS = ("the river", "a young engineer", "the old library", "our small village", "the committee",
+            "a tired traveller", "the northern forest", "the new bridge", "her grandfather", "the orchestra",
+            "a curious student", "the harbour master", "the research group", "a quiet neighbour", "the city council",
+            "the mountain road")
 VERBS = ("described", "changed", "remembered", "protected", "questioned", "measured", "carried", "explained",
          "discovered", "rebuilt", "ignored", "celebrated", "studied", "followed", "painted", "announced")
 OBJECTS = ("the long winter", "a forgotten map", "the price of bread", "the first harvest", "an unusual letter",

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_generate  # noqa: E402
+
 from jaxllm.generate import sampling  # noqa: E402
 
 
@@ -79,8 +80,11 @@ def main() -> None:
         impl, gemm = (variant.split("+") + [""])[:2]
         model_cfg = dataclasses.replace(cfg, attention_impl=impl)
         options = {"triton": {}, "cublas": {"xla_gpu_enable_triton_gemm": False}}.get(gemm)
-        jitted = (jax.jit(sampling.generate_arrays, static_argnames=("model_cfg", "config"),
-                          compiler_options=options) if gemm else sampling.generate_jit(jax.default_backend(), cfg.d_model))
+        if gemm:
+            jitted = jax.jit(sampling.generate_arrays, static_argnames=("model_cfg", "config"),
+                             compiler_options=options)
+        else:
+            jitted = sampling.generate_jit(jax.default_backend(), cfg.d_model)
 
         def call():
             jax.block_until_ready(jitted(params, model_cfg, *batch, jax.random.key(1), config))

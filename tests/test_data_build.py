@@ -195,8 +195,8 @@ def test_token_ids_beyond_vocab_refused_at_load(tmp_path, tok_path):
 def test_cli_data_build_prints_table(tmp_path, tok_path):
     cfg = make_config(tmp_path, tok_path, write_inputs(tmp_path / "in"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "jaxllm.cli", "data", "build", "--config", str(tmp_path / "build.yaml")],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "jaxllm.cli", "data", "build", "--config",
+                          str(tmp_path / "build.yaml")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "exact_dup" in out.stdout and (Path(cfg.output) / "report.json").is_file()
 

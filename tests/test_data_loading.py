@@ -33,7 +33,7 @@ def open_rows(directory: Path, lengths: list[int], seq_len: int, first_token: in
 
 def oracle_row(offsets: np.ndarray, start: int, seq_len: int) -> tuple[list[int], list[int]]:
     """Segment ids and positions by a plain loop over the tokens of one row."""
-    seg, pos = [], []
+    seg, pos, prev_doc = [], [], None
     for t in range(start, start + seq_len):
         doc = int(np.searchsorted(offsets, t, side="right")) - 1
         if t == start:
@@ -143,7 +143,8 @@ def _small_build(tmp_path: Path):
         (tmp_path / f"d{i}.txt").write_text(t)
 
     def make(weight: float):
-        data = {"output": str(tmp_path / "built"), "tokenizer": str(tok_path), "num_workers": 1, "heldout_fraction": 0.2,
+        data = {"output": str(tmp_path / "built"), "tokenizer": str(tok_path), "num_workers": 1,
+                "heldout_fraction": 0.2,
                 "filters": {"gibberish": {"enabled": False}, "dedup": {"near": False}},
                 "sources": {"a": {"type": "text", "path": str(tmp_path / "d[0-1]*.txt"), "weight": weight},
                             "b": {"type": "text", "path": str(tmp_path / "d[2-9]*.txt"), "weight": 1.0}}}

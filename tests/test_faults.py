@@ -160,7 +160,8 @@ def test_setup_without_a_suitable_python_says_what_to_install(tmp_path):
 
 @pytest.mark.slow
 def test_setup_on_python_311_installs_the_looser_set_and_says_so(tmp_path):
-    py311 = shutil.which("python3.11") or next(iter(sorted(Path("/").glob("root/.pyenv/versions/3.11*/bin/python3"))), None)
+    pyenv = sorted(Path("/").glob("root/.pyenv/versions/3.11*/bin/python3"))
+    py311 = shutil.which("python3.11") or next(iter(pyenv), None)
     assert py311, "this test needs a Python 3.11 interpreter"
     out = subprocess.run(["bash", str(_setup_copy(tmp_path))], capture_output=True, text=True,
                          env={**os.environ, "PYTHON": str(py311)}, timeout=1200)

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxllm import config as config_lib, losses, models  # noqa: E402
-from jaxllm.data import formats, instructions, sources, tokenizer as tokenizers  # noqa: E402
+from jaxllm.data import formats, instructions, tokenizer as tokenizers  # noqa: E402
 from jaxllm.data.pipeline import DataError  # noqa: E402
 from jaxllm.logging import read_metrics  # noqa: E402
 from jaxllm.models import heads  # noqa: E402
@@ -284,15 +284,16 @@ def test_tiny_reward_run_writes_stats_and_scores_a_file(tmp_path):
     # A stage that needs a language model names the run's kind instead of a missing checkpoint entry.
     from jaxllm.stages import sft
 
-    with pytest.raises(config_lib.ConfigError, match=r"init.run=.* is a reward-model run .* needs a language-model run"):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"init.run=.* is a reward-model run .* needs a language-model run"):
         sft.resolve(sft.load(None, [f"init.run={run_dir}"]))
 
 
 def test_tiny_reward_model_generalises_to_held_out_modules(tmp_path):
     """configs/rm_scratch.yaml from random init in about 65 s of 2-core CPU: the built-in set with methods (3993
     training pairs; 610 held-out pairs from modules never seen in training), the word tokenizer, match_init and
-    probe_head, lr 1e-4, 200 steps. Measured 0.723 held-out accuracy (seed 0; seed 1: 0.726; 0.748 at 300 steps); chance = 0.5,
-    standard error 0.02 at 610 pairs. Without match_init and probe_head this model stays at 0.50-0.58
+    probe_head, lr 1e-4, 200 steps. Measured 0.723 held-out accuracy (seed 0; seed 1: 0.726; 0.748 at 300 steps);
+    chance = 0.5, standard error 0.02 at 610 pairs. Without match_init and probe_head this model stays at 0.50-0.58
     (docs/sft_reward.md)."""
     cfg = reward.load("configs/rm_scratch.yaml", [f"train.runs_dir={tmp_path}", "train.progress=false"])
     assert (cfg.data.tokenizer, cfg.data.max_documents) == ("builtin-words", 200)

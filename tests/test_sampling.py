@@ -19,9 +19,9 @@ import pytest
 from jaxllm import config as config_lib, models
 from jaxllm.config import ConfigError
 from jaxllm.data.pipeline import DataError
-from jaxllm.models import transformer
 from jaxllm.generate import kv_cache, sampling
 from jaxllm.generate.sampling import SamplingConfig
+from jaxllm.models import transformer
 
 LOGIT_TOL = dict(rtol=1e-4, atol=1e-4)
 BF16_LOGIT_TOL = dict(rtol=2e-2, atol=5e-2)  # bf16 keeps 8 mantissa bits: a rounding flip moves a logit ~1e-2
@@ -205,7 +205,7 @@ def test_as_batch_scores_rollouts_like_generate(model):
     p = prompt_tokens.shape[1]
     np.testing.assert_allclose(scored[:, p - 1:], np.asarray(logprobs), **LOGIT_TOL)
     assert int(np.asarray(batch["loss_mask"]).sum()) == int(np.asarray(mask).sum())
-    for i, prompt in enumerate(PROMPTS):  # positions restart at each row's first real token
+    for i in range(len(PROMPTS)):  # positions restart at each row's first real token
         real = np.asarray(batch["segment_ids"][i]) == 1
         np.testing.assert_array_equal(np.asarray(batch["positions"][i])[real], np.arange(real.sum()))
 

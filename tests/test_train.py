@@ -92,8 +92,8 @@ def _cli(args, env_extra=None):
                           cwd=Path(__file__).parent.parent)
 
 
-CLI_TINY = ["pretrain", "model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
-            "model.d_ff=64", "model.max_seq_len=32", "model.dtype=float32", "data.seq_len=32",
+CLI_TINY = ["pretrain", "model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "model.n_kv_heads=1", "model.d_ff=64", "model.max_seq_len=32", "model.dtype=float32", "data.seq_len=32",
             "data.max_documents=40", "data.heldout_fraction=0.1", "train.batch_size=4", "train.eval_every=100",
             "train.eval_batches=1", "train.progress=false", "train.num_samples=0", "train.log_every=1",
             "checkpoint.use_async=false"]

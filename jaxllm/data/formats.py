@@ -311,7 +311,7 @@ def pad_rows(examples: list[Encoded], seq_len: int, pad_id: int) -> tuple[np.nda
     return tokens, mask
 
 
-def read_split(path: str, heldout_path: str, heldout_fraction: float, counts: "Counts"):
+def read_split(path: str, heldout_path: str, heldout_fraction: float, counts: Counts):
     """(train, held-out) lists of (where, record) from JSONL: the held-out file when given, else a deterministic
     split by each record's content."""
     rows = list(read_jsonl(path, counts))

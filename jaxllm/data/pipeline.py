@@ -29,7 +29,7 @@ class TokenStream:
     doc_ids: np.ndarray
 
     @staticmethod
-    def from_documents(docs: list[list[int]] | list[np.ndarray], eos_id: int | None) -> "TokenStream":
+    def from_documents(docs: list[list[int]] | list[np.ndarray], eos_id: int | None) -> TokenStream:
         pieces, ids = [], []
         for i, doc in enumerate(docs):
             doc = np.asarray(doc, np.int32)

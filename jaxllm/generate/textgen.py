@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -28,7 +28,8 @@ def read_prompts(path: str | Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be {{\"prompt\": \"...\"}}")
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                            "each line must be {\"prompt\": \"...\"}") from e
         prompt = record.get("prompt") if isinstance(record, dict) else record
         if not isinstance(prompt, str):
             raise DataError(f"{path}:{lineno}: expected an object with a \"prompt\" string (or a JSON string)")

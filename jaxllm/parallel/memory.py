@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from jaxllm.config import ModelConfig, head_dim
 from jaxllm.parallel import rules
 
+
 def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, tensor: int = 1) -> int:
     """Estimated bytes of activations kept for the backward pass on one device.
 

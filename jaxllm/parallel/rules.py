@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -133,8 +134,11 @@ def host_batch_to_global(batch: dict, mesh: Mesh) -> dict:
 def full_batch_to_global(batch: dict, mesh: Mesh) -> dict:
     """A batch every host holds whole (e.g. fixed eval batches) -> global sharded arrays."""
     sharding = batch_sharding(mesh)
-    return {key: jax.make_array_from_callback(np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx])
-            for key, x in batch.items()}
+    def whole(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return {key: whole(x) for key, x in batch.items()}
 
 
 def shard_bytes(abstract_tree: Any, shardings: Any) -> int:

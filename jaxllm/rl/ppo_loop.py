@@ -11,9 +11,9 @@ prompt batch is a function of state.step, so a run restored from a checkpoint co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -30,10 +30,10 @@ from jaxllm import config as config_lib, models, optim, runs
 from jaxllm.config import CheckpointConfig, ConfigError, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxllm.data import formats, instructions, tokenizer as tokenizers
 from jaxllm.data.pipeline import DataError
+from jaxllm.generate import sampling, textgen
 from jaxllm.logging import RunLog
 from jaxllm.models import heads
 from jaxllm.parallel import mesh as mesh_lib, rules
-from jaxllm.generate import sampling, textgen
 from jaxllm.rl import ppo, ppo_loop, rewards
 from jaxllm.rl.ppo import PPOConfig
 from jaxllm.stages import common, reward as reward_stage, sft

@@ -12,9 +12,9 @@ import numpy as np
 from jaxllm import checkpoint, config as config_lib, losses, models, optim
 from jaxllm.config import Config
 from jaxllm.data import corpus, pipeline, shards, tokenizer as tokenizers
+from jaxllm.generate import sampling
 from jaxllm.models import transformer
 from jaxllm.parallel import memory, mesh as mesh_lib, rules
-from jaxllm.generate import sampling
 from jaxllm.train import loop, state as state_lib, step as step_lib
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def make_evaluate(cfg: Config, batches: list[dict], mesh=None):
     def evaluate(params) -> dict:
         sums = np.sum([jax.device_get(one(params, b)) for b in batches], axis=0)
         mean_loss = float(sums[0] / max(sums[2], 1.0))
-        return {"loss": mean_loss, "perplexity": float(np.exp(mean_loss)), "accuracy": float(sums[1] / max(sums[2], 1.0))}
+        return {"loss": mean_loss, "perplexity": float(np.exp(mean_loss)),
+                "accuracy": float(sums[1] / max(sums[2], 1.0))}
 
     return evaluate
 
